@@ -1,0 +1,195 @@
+"""The ``flowprep`` command: parses options, calls the library, prints."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from flowprep.extract import ExtractReport, OutputMismatch, allowed_failures, extract
+from flowprep.flow import parse_flow_params
+from flowprep.pipeline import ExtractConfig
+from flowprep.shards import ShardReader
+from flowprep.shards.layout import FAILURES
+
+EXIT_FAILURES = 3
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """``"1GiB"``, ``"512M"``, ``"1000000"`` to bytes (binary multiples)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a size like 512M or 1GiB")
+    number, unit = match.groups()
+    return int(float(number) * 1024 ** "_KMGT".index(unit.upper() or "_"))
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+@click.group()
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only.")
+def main(verbose: int, quiet: bool) -> None:
+    """flowprep: Kinetics-style videos to sharded RGB and TV-L1 optical-flow tensors."""
+    level = logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def extract_options(f):
+    options = [
+        click.option("--src", required=True, type=click.Path(exists=True, file_okay=False), help="Kinetics folder: <split>/<label>/<id>.mp4, <label>/<id>.mp4, or flat with --annotations."),
+        click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (created; rerun the same command to resume)."),
+        click.option("--annotations", type=click.Path(exists=True, dir_okay=False), help="Kinetics annotation CSV (label,youtube_id,time_start,time_end,split)."),
+        click.option("--trim", is_flag=True, help="Cut full-length sources <youtube_id>.<ext> to the CSV's [time_start, time_end]."),
+        click.option("--labels", "labels_file", type=click.Path(exists=True, dir_okay=False), help="Class names, one a line, in index order (default: sorted class names found)."),
+        click.option("--limit", type=click.IntRange(min=1), help="Only the first N videos (a quick try)."),
+        click.option("--fps", default=25, show_default=True, type=click.IntRange(min=1), help="Output frame rate, resampled by timestamp."),
+        click.option("--short-side", default=256, show_default=True, type=click.IntRange(min=16), help="Resize the short side to this many pixels."),
+        click.option("--max-frames", type=click.IntRange(min=2), help="At most N frames per video."),
+        click.option("--flow", "flow_backend", default="auto", show_default=True, help="Flow backend: auto (the best available) or opencv."),
+        click.option("--flow-params", default="", help="TV-L1 parameters, e.g. tau=0.25,lambda=0.15,warps=5 (all recorded)."),
+        click.option("--flow-bound", default=20.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Clip flow to ±this many pixels."),
+        click.option("--flow-dtype", default="uint8", show_default=True, type=click.Choice(["uint8", "float16"]), help="uint8: quantized to the bound; float16: unquantized."),
+        click.option("--rgb-codec", default="jpeg:95", show_default=True, help="RGB frame codec: jpeg:Q, png:L, zstd:L or raw."),
+        click.option("--flow-codec", default="zstd:3", show_default=True, help="Flow frame codec: zstd:L, png:L, jpeg:Q or raw."),
+        click.option("--format", "fmt", default="arrow", show_default=True, type=click.Choice(["arrow", "hdf5"]), help="Shard file format."),
+        click.option("--shard-size", default="1GiB", show_default=True, callback=lambda ctx, p, v: parse_size(v), help="Close a shard once it holds this many bytes (videos are never split)."),
+        click.option("--chunk-frames", default=32, show_default=True, type=click.IntRange(min=1), help="Frames per stored batch and per flow task."),
+        click.option("--workers", type=click.IntRange(min=0), help="Flow workers (default: every CPU of the Ray cluster; 0: no Ray, this process only)."),
+        click.option("--decoders", type=click.IntRange(min=1), help="Decode workers (default: one per 16 flow workers)."),
+        click.option("--ray-address", envvar="RAY_ADDRESS", help="Ray cluster to use, e.g. auto (default: $RAY_ADDRESS, else a local Ray)."),
+        click.option("--overwrite", is_flag=True, help="Delete an existing output in --out and start over."),
+        click.option("--allow-failures", default="0", show_default=True, help="Failed videos tolerated before the exit status is non-zero: a count (5) or a fraction (0.02)."),
+        click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+@main.command("extract")
+@extract_options
+def extract_command(src, out, annotations, trim, labels_file, limit, fps, short_side, max_frames, flow_backend, flow_params,
+                    flow_bound, flow_dtype, rgb_codec, flow_codec, fmt, shard_size, chunk_frames, workers, decoders,
+                    ray_address, overwrite, allow_failures, progress):
+    """Decode, compute TV-L1 flow and write RGB + flow shards for every video under --src.
+
+    A failed video is a line in OUT/failures.jsonl and the run goes on. Rerunning the same
+    command resumes: videos in complete shards are skipped, the rest (failures included) are
+    done again.
+
+    Exit status: 0 when no video failed or the failures are within --allow-failures; 3 when
+    more failed; 1 on other errors (e.g. --out holds a run with other options); 2 on bad usage.
+    """
+    try:
+        config = ExtractConfig(fps=fps, short_side=short_side, max_frames=max_frames, trim=trim, flow_backend=flow_backend,
+                               flow_params=parse_flow_params(flow_params), flow_bound=flow_bound, flow_dtype=flow_dtype,
+                               rgb_codec=rgb_codec, flow_codec=flow_codec, format=fmt, shard_size=shard_size,
+                               chunk_frames=chunk_frames)
+        allowed = allowed_failures(allow_failures, 0)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    try:
+        report = extract(src, out, config, annotations=annotations, labels_file=labels_file, limit=limit, overwrite=overwrite,
+                         workers=workers, decoders=decoders, ray_address=ray_address, progress=progress)
+    except (OutputMismatch, ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
+    print_summary(report, Path(out))
+    allowed = allowed_failures(allow_failures, report.videos)
+    if report.failed > allowed:
+        click.echo(f"{report.failed} videos failed, more than --allow-failures {allow_failures} permits ({allowed})", err=True)
+        sys.exit(EXIT_FAILURES)
+
+
+def print_summary(report: ExtractReport, out: Path) -> None:
+    click.echo(f"videos:  {report.videos} found, {report.skipped} already written, {report.written} written, {report.failed} failed"
+               + (f" (see {out / FAILURES})" if report.failed else ""))
+    click.echo(f"frames:  {report.frames} frames, {report.flow_pairs} flow pairs in {report.seconds:.1f} s "
+               f"({report.pairs_per_second:.2f} pairs/s)")
+    click.echo(f"written: {human_bytes(report.bytes_written)} to {out}")
+
+
+def describe(out: Path) -> dict:
+    reader = ShardReader(out)
+    rows = [reader.meta(v) for v in reader.video_ids]
+    failures_path = out / FAILURES
+    failures = [json.loads(line) for line in failures_path.read_text().splitlines()] if failures_path.exists() else []
+    shards = sorted({r["shard"] for r in rows})
+    return {
+        "out": str(out),
+        "videos": len(rows),
+        "failed": len(failures),
+        "frames": sum(r["num_frames"] for r in rows),
+        "flow_pairs": sum(r["num_frames"] - 1 for r in rows),
+        "bytes": sum(r["bytes"] for r in rows),
+        "shards": len(shards),
+        "shard_bytes": sum((out / s).stat().st_size for s in shards),
+        "classes": len(reader.label_map),
+        "videos_per_split": {str(s): sum(r["split"] == s for r in rows) for s in sorted({str(r["split"]) for r in rows})},
+        "params": reader.dataset["params"],
+        "versions": reader.dataset["versions"],
+    }
+
+
+@main.command()
+@click.argument("out", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def info(out, as_json):
+    """Summarise an output folder: videos, frames, shards, bytes, parameters."""
+    try:
+        summary = describe(Path(out))
+    except (FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, sort_keys=True))
+        return
+    p = summary["params"]
+    click.echo(f"{out}: {summary['videos']} videos ({summary['failed']} failed), {summary['frames']} frames, "
+               f"{summary['flow_pairs']} flow pairs, {summary['classes']} classes")
+    click.echo(f"shards:  {summary['shards']} {p['format']} files, {human_bytes(summary['shard_bytes'])}")
+    click.echo(f"splits:  {summary['videos_per_split']}")
+    click.echo(f"frames:  {p['fps']} fps, short side {p['short_side']}, rgb {p['rgb_codec']}")
+    click.echo(f"flow:    {p['flow_backend']} {p['flow_params']}, ±{p['flow_bound']} px as {p['flow_dtype']} ({p['flow_codec']})")
+
+
+@main.command()
+@click.option("--out", default="demo-out", show_default=True, type=click.Path(file_okay=False), help="Output folder (replaced).")
+@click.option("--workers", type=click.IntRange(min=0), help="Flow workers (default: every CPU).")
+def demo(out, workers):
+    """Build a small Kinetics-style folder from real sample clips, extract it, read a clip back."""
+    from flowprep.samples import sample_clip
+
+    layout = {"train/riding_bike/bikes.mp4": "bikes.mp4", "train/cartoon/bigbuckbunny.mp4": "bigbuckbunny.mp4",
+              "val/phoning/carphone.mp4": "carphone_pristine.mp4"}
+    with tempfile.TemporaryDirectory(prefix="flowprep-demo-") as src:
+        for target, name in layout.items():
+            (Path(src) / target).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(sample_clip(name), Path(src) / target)
+        click.echo(f"source: {len(layout)} sample videos in {src}")
+        config = ExtractConfig(short_side=96, max_frames=16, shard_size=256 * 1024, chunk_frames=8)
+        report = extract(src, out, config, overwrite=True, workers=workers)
+    print_summary(report, Path(out))
+    reader = ShardReader(out)
+    video_id = reader.video_ids[0]
+    rgb, flow = reader.rgb(video_id, 0, 8), reader.flow(video_id, 0, 8)
+    magnitude = (flow ** 2).sum(-1) ** 0.5
+    click.echo(f"read back {video_id!r} ({reader.meta(video_id)['label']}): rgb {tuple(rgb.shape)} {rgb.dtype}, "
+               f"flow {tuple(flow.shape)} {flow.dtype}, mean |flow| {magnitude.mean():.2f} px, max {magnitude.max():.2f} px")
+    click.echo(f"inspect it: flowprep info {out}")
+
+
+if __name__ == "__main__":
+    main()

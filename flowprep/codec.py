@@ -1,0 +1,106 @@
+"""Flow quantization and the per-frame codecs that turn arrays into stored bytes.
+
+A codec is named ``name[:level]``:
+
+* ``jpeg:Q`` lossy JPEG at quality Q (OpenCV's libjpeg-turbo), for RGB;
+* ``png:L`` lossless PNG at compression level L (0-9);
+* ``zstd:L`` the raw array bytes compressed with Zstandard at level L;
+* ``raw`` the raw array bytes.
+
+Two-channel arrays (flow ``[H, W, 2]``) are stored by PNG and JPEG as their two planes stacked
+into one ``[2H, W]`` gray image, as denseflow keeps x and y in separate gray images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import pyarrow as pa
+
+DEFAULT_LEVELS = {"jpeg": 95, "png": 1, "zstd": 3, "raw": 0}
+
+
+@dataclass(frozen=True)
+class Codec:
+    """A parsed codec name: ``Codec.parse("jpeg:90") == Codec("jpeg", 90)``."""
+
+    name: str
+    level: int
+
+    @classmethod
+    def parse(cls, spec: str) -> Codec:
+        name, _, level = spec.partition(":")
+        if name not in DEFAULT_LEVELS:
+            raise ValueError(f"unknown codec {spec!r}; choose from {sorted(DEFAULT_LEVELS)}")
+        return cls(name, int(level) if level else DEFAULT_LEVELS[name])
+
+    def __str__(self) -> str:
+        return self.name if self.name == "raw" else f"{self.name}:{self.level}"
+
+    @property
+    def lossless(self) -> bool:
+        return self.name != "jpeg"
+
+    def encode(self, array: np.ndarray) -> bytes:
+        """Bytes for one ``[H, W, C]`` frame (uint8 for JPEG/PNG; any dtype for zstd/raw)."""
+        array = np.ascontiguousarray(array)
+        if self.name == "raw":
+            return array.tobytes()
+        if self.name == "zstd":
+            return pa.Codec("zstd", compression_level=self.level).compress(array.tobytes(), asbytes=True)
+        if array.dtype != np.uint8:
+            raise ValueError(f"{self} stores uint8 only, got {array.dtype}")
+        image = _to_image(array)
+        if self.name == "jpeg":
+            ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, self.level])
+        else:
+            ok, buf = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, self.level])
+        if not ok:
+            raise ValueError(f"OpenCV could not encode a {array.shape} frame as {self}")
+        return buf.tobytes()
+
+    def decode(self, blob: bytes | memoryview, shape: tuple[int, ...], dtype=np.uint8) -> np.ndarray:
+        """The ``shape`` / ``dtype`` array stored in ``blob`` (the inverse of :meth:`encode`)."""
+        dtype = np.dtype(dtype)
+        if self.name in ("raw", "zstd"):
+            size = int(np.prod(shape)) * dtype.itemsize
+            if self.name == "zstd":
+                blob = pa.Codec("zstd").decompress(blob, decompressed_size=size, asbytes=True)
+            return np.frombuffer(blob, dtype=dtype).reshape(shape)
+        image = cv2.imdecode(np.frombuffer(blob, np.uint8), cv2.IMREAD_UNCHANGED)
+        if image is None:
+            raise ValueError(f"corrupt {self.name} frame")
+        return _from_image(image, shape)
+
+
+def _to_image(array: np.ndarray) -> np.ndarray:
+    if array.shape[-1] == 3:
+        return cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
+    if array.shape[-1] == 2:
+        return np.concatenate([array[..., 0], array[..., 1]], axis=0)
+    return array
+
+
+def _from_image(image: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    if shape[-1] == 3:
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    if shape[-1] == 2:
+        h = shape[0]
+        return np.stack([image[:h], image[h:]], axis=-1)
+    return image.reshape(shape)
+
+
+def quantize_flow(flow: np.ndarray, bound: float) -> np.ndarray:
+    """``[..., 2] float`` pixels to uint8: clip to ``±bound``, ``q = round((f + bound) * 255 / (2 * bound))``.
+
+    The denseflow / I3D convention; 0 px maps to 127.5, stored as 128 (round half to even).
+    """
+    scaled = (np.clip(flow, -bound, bound) + bound) * (255.0 / (2.0 * bound))
+    return np.rint(scaled).astype(np.uint8)
+
+
+def dequantize_flow(q: np.ndarray, bound: float) -> np.ndarray:
+    """uint8 to float32 pixels: ``q * 2 * bound / 255 - bound`` (error at most ``bound / 255``)."""
+    return q.astype(np.float32) * np.float32(2.0 * bound / 255.0) - np.float32(bound)

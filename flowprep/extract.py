@@ -1,0 +1,228 @@
+"""``extract``: a Kinetics-style folder to RGB + flow shards, resumable, with failures recorded.
+
+The driver here owns the output folder: it checks the parameters against an existing run, skips
+videos already in complete shards, writes results in input order and records every failure. The
+work itself comes from an iterator of ``(spec, chunks)``: Ray's (:mod:`flowprep.ray_runner`) or,
+for debugging, this process's own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import av
+import cv2
+import h5py
+import numpy as np
+import pyarrow as pa
+from tqdm import tqdm
+
+import flowprep
+from flowprep.errors import VideoError
+from flowprep.flow import BACKENDS, get_backend, resolve_backend_name
+from flowprep.pipeline import ExtractConfig, VideoChunk, video_chunks
+from flowprep.shards import ShardWriter
+from flowprep.shards.layout import (
+    DATASET_JSON,
+    FAILURES,
+    INDEX,
+    SCHEMA_VERSION,
+    SHARDS,
+    complete_shards,
+    rebuild_index,
+    remove_partial_files,
+    shard_number,
+    write_json,
+)
+from flowprep.sources import VideoSpec, build_label_map, find_videos
+
+log = logging.getLogger(__name__)
+
+
+class OutputMismatch(Exception):
+    """The output folder holds a run made with other parameters."""
+
+
+@dataclass
+class ExtractReport:
+    """What one run did. ``seconds`` is wall time from the first video submitted to the last written."""
+
+    videos: int = 0
+    skipped: int = 0
+    written: int = 0
+    failed: int = 0
+    frames: int = 0
+    flow_pairs: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    failures: list[dict] = field(default_factory=list)
+
+    @property
+    def pairs_per_second(self) -> float:
+        return self.flow_pairs / self.seconds if self.seconds > 0 else 0.0
+
+
+def resolve_config(config: ExtractConfig) -> ExtractConfig:
+    """``config`` with the flow backend resolved (``auto`` -> a name) and all its parameters filled in."""
+    name = resolve_backend_name(config.flow_backend)
+    params = BACKENDS[name].resolve_params(config.flow_params)
+    return ExtractConfig(**{**config.to_dict(), "flow_backend": name, "flow_params": params})
+
+
+def versions() -> dict[str, str]:
+    return {
+        "flowprep": flowprep.__version__,
+        "python": platform.python_version(),
+        "opencv": cv2.__version__,
+        "pyav": av.__version__,
+        "ffmpeg": ".".join(map(str, av.ffmpeg_version_info)) if isinstance(av.ffmpeg_version_info, tuple) else str(av.ffmpeg_version_info),
+        "numpy": np.__version__,
+        "pyarrow": pa.__version__,
+        "h5py": h5py.__version__,
+    }
+
+
+def prepare_output(out: Path, description: dict, overwrite: bool) -> None:
+    """Create ``out`` or check that its run was made with the same parameters and labels.
+
+    ``overwrite`` removes flowprep's files from ``out`` first. Raises :class:`OutputMismatch`.
+    """
+    path = out / DATASET_JSON
+    if overwrite:
+        shutil.rmtree(out / SHARDS, ignore_errors=True)
+        for name in (DATASET_JSON, INDEX, FAILURES):
+            (out / name).unlink(missing_ok=True)
+    elif path.exists():
+        previous = json.loads(path.read_text())
+        for key in ("schema_version", "params", "label_map"):
+            if previous.get(key) != description[key]:
+                raise OutputMismatch(f"{out} holds a run with other {key}: {_difference(previous.get(key), description[key])}. "
+                                     "Use another --out, the same options, or --overwrite to start over.")
+        if previous.get("versions") != description["versions"]:
+            log.warning("%s was started with other library versions: %s", out, _difference(previous.get("versions"), description["versions"]))
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(path, description)
+
+
+def _difference(old, new) -> str:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:8])
+    return f"{old!r} -> {new!r}"
+
+
+def local_video_chunks(specs: Iterable[VideoSpec], config: ExtractConfig) -> Iterator[tuple[VideoSpec, Iterator[VideoChunk]]]:
+    """``(spec, chunks)`` computed in this process, one video at a time (debugging, profiling)."""
+    backend = get_backend(config.flow_backend, config.flow_params, threads=cv2.getNumberOfCPUs())
+    for spec in specs:
+        yield spec, video_chunks(spec, config, backend)
+
+
+def extract(
+    src: str | Path,
+    out: str | Path,
+    config: ExtractConfig = ExtractConfig(),
+    *,
+    annotations: str | Path | None = None,
+    labels_file: str | Path | None = None,
+    limit: int | None = None,
+    overwrite: bool = False,
+    workers: int | None = None,
+    decoders: int | None = None,
+    ray_address: str | None = None,
+    progress: bool | None = None,
+) -> ExtractReport:
+    """Extract every video under ``src`` into shards under ``out``; see the CLI's ``extract --help``.
+
+    ``workers=0`` computes in this process without Ray. Videos already in complete shards of
+    ``out`` are skipped; each failed video is a line of ``out/failures.jsonl`` and in the report.
+    """
+    out = Path(out)
+    config = resolve_config(config)
+    specs, problems = find_videos(src, annotations, config.trim)
+    label_map = build_label_map(specs, labels_file)
+    if limit is not None:
+        specs = specs[:limit]
+    description = {
+        "schema_version": SCHEMA_VERSION,
+        "params": config.to_dict(),
+        "flow": {"backend": config.flow_backend, "device": "cpu"},
+        "label_map": label_map,
+        "source": {"src": str(Path(src).resolve()), "annotations": annotations and str(Path(annotations).resolve()),
+                   "labels_file": labels_file and str(Path(labels_file).resolve())},
+        "versions": versions(),
+    }
+    prepare_output(out, description, overwrite)
+    for path in remove_partial_files(out):
+        log.info("removed %s, left by an interrupted run", path)
+    done = set(rebuild_index(out).column("video_id").to_pylist())
+    todo = [s for s in specs if s.video_id not in done]
+    shards = complete_shards(out)
+    report = ExtractReport(videos=len(specs) + len(problems), skipped=len(specs) - len(todo))
+    log.info("%d videos found, %d already written, %d to do, %d missing", len(specs), report.skipped, len(todo), len(problems))
+
+    metadata = {"flowprep": json.dumps({k: description[k] for k in ("schema_version", "params", "versions")}, sort_keys=True)}
+    writer = ShardWriter(out, config, first_shard=shard_number(shards[-1]) + 1 if shards else 0, metadata=metadata,
+                         on_shard_complete=lambda shard: (rebuild_index(out), log.info("shard complete: %s", shard)))
+    bar = tqdm(total=len(todo), unit="video", disable=None if progress is None else not progress, dynamic_ncols=True)
+    with open(out / FAILURES, "w") as failures:
+
+        def fail(spec_id: str, source: str, stage: str, error: str) -> None:
+            record = {"video_id": spec_id, "source": source, "stage": stage, "error": error}
+            failures.write(json.dumps(record) + "\n")
+            failures.flush()
+            report.failures.append(record)
+            report.failed += 1
+            log.warning("failed %s (%s): %s", spec_id, stage, error)
+
+        for problem in problems:
+            fail(problem.video_id, problem.source, "source", problem.error)
+        if workers == 0:
+            results = local_video_chunks(todo, config)
+        else:
+            from flowprep.ray_runner import ray_video_chunks
+
+            results = ray_video_chunks(todo, config, workers, decoders, ray_address)
+        start = time.perf_counter()
+        for spec, chunks in results:
+            writer.begin_video({"video_id": spec.video_id, "label": spec.label, "label_index": label_map.get(spec.label, -1),
+                                "split": spec.split, "fps": config.fps, "source": spec.path,
+                                "segment_start": spec.start, "segment_end": spec.end})
+            try:
+                for chunk in chunks:
+                    writer.add_chunk(chunk)
+            except VideoError as e:
+                writer.abort_video()
+                fail(spec.video_id, spec.path, e.stage, str(e))
+            else:
+                row = writer.end_video()
+                report.written += 1
+                report.frames += row["num_frames"]
+                report.flow_pairs += row["num_frames"] - 1
+                report.bytes_written += row["bytes"]
+            report.seconds = time.perf_counter() - start
+            bar.update(1)
+            bar.set_postfix(frames=report.frames, pairs_s=f"{report.pairs_per_second:.1f}", failed=report.failed)
+        writer.close()
+    bar.close()
+    rebuild_index(out)
+    return report
+
+
+def allowed_failures(rule: str, videos: int) -> int:
+    """How many failures ``--allow-failures`` permits: a count (``"3"``) or a fraction of ``videos`` (``"0.02"``)."""
+    value = float(rule)
+    if value < 0:
+        raise ValueError("--allow-failures must not be negative")
+    if "." in rule or (value < 1 and value != 0):
+        if value > 1:
+            raise ValueError(f"--allow-failures {rule}: a fraction must be at most 1")
+        return int(value * videos)
+    return int(value)

@@ -1,0 +1,60 @@
+"""TV-L1 optical flow on the CPU with OpenCV contrib's ``DualTVL1OpticalFlow``."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from flowprep.errors import FlowError
+
+# flowprep's parameter names and OpenCV's defaults (opencv_contrib optflow/tvl1flow.cpp), in the
+# order of DualTVL1OpticalFlow_create's arguments.
+TVL1_DEFAULTS = {
+    "tau": 0.25,
+    "lambda": 0.15,
+    "theta": 0.3,
+    "nscales": 5,
+    "warps": 5,
+    "epsilon": 0.01,
+    "inner_iterations": 30,
+    "outer_iterations": 10,
+    "scale_step": 0.8,
+    "gamma": 0.0,
+    "median_filtering": 5,
+}
+
+
+def tvl1_params(params: dict) -> dict:
+    """``params`` over the TV-L1 defaults; an unknown name is an error."""
+    unknown = sorted(set(params) - set(TVL1_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown TV-L1 parameters {unknown}; known: {sorted(TVL1_DEFAULTS)}")
+    merged = {**TVL1_DEFAULTS, **params}
+    return {k: type(TVL1_DEFAULTS[k])(v) for k, v in merged.items()}
+
+
+class OpenCVTVL1:
+    """OpenCV's CPU TV-L1 (Zach, Pock and Bischof 2007; Sánchez, Meinhardt-Llopis and Facciolo 2013).
+
+    One solver per instance; ``threads`` sets OpenCV's thread pool for the whole process, so that
+    several workers on one machine do not oversubscribe its cores.
+    """
+
+    name = "opencv"
+    device = "cpu"
+    resolve_params = staticmethod(tvl1_params)
+
+    def __init__(self, params: dict | None = None, threads: int = 1):
+        self.params = tvl1_params(params or {})
+        cv2.setNumThreads(threads)
+        self._solver = cv2.optflow.DualTVL1OpticalFlow_create(*self.params.values())
+
+    def compute(self, frames: np.ndarray) -> np.ndarray:
+        """``[T, H, W] uint8`` gray to ``[T-1, H, W, 2] float32`` pixels (x right, y down)."""
+        if frames.ndim != 3 or frames.dtype != np.uint8:
+            raise FlowError(f"expected [T, H, W] uint8 gray frames, got {frames.shape} {frames.dtype}")
+        t, h, w = frames.shape
+        out = np.empty((max(t - 1, 0), h, w, 2), np.float32)
+        for i in range(t - 1):
+            out[i] = self._solver.calc(frames[i], frames[i + 1], None)
+        return out

@@ -1,0 +1,145 @@
+"""The per-video stages, as plain functions over iterators: decode -> chunk -> flow -> encode.
+
+A video is processed as a stream of :class:`VideoChunk` of at most ``chunk_frames`` frames, so
+memory per video is bounded whatever its length. Each chunk decodes one frame beyond its own
+(the next chunk's first) so that flow ``t`` (frame ``t`` to ``t + 1``) is stored in the same row
+as RGB frame ``t``: N frames give N-1 flows, and the last frame has none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from flowprep.codec import Codec, quantize_flow
+from flowprep.decode import SourceInfo, VideoDecoder
+from flowprep.errors import DecodeError, FlowError, VideoError
+from flowprep.flow import FlowBackend
+from flowprep.sources import VideoSpec
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Every option that changes the bytes written; recorded in dataset.json.
+
+    ``fps`` frames/s; ``short_side`` pixels; ``flow_bound`` pixels (flow is clipped to ±bound);
+    ``flow_dtype`` ``"uint8"`` (quantized) or ``"float16"``; codecs as in :mod:`flowprep.codec`;
+    ``shard_size`` bytes; ``chunk_frames`` frames per stored batch.
+    """
+
+    fps: int = 25
+    short_side: int = 256
+    max_frames: int | None = None
+    trim: bool = False
+    flow_backend: str = "opencv"
+    flow_params: dict = field(default_factory=dict)
+    flow_bound: float = 20.0
+    flow_dtype: str = "uint8"
+    rgb_codec: str = "jpeg:95"
+    flow_codec: str = "zstd:3"
+    format: str = "arrow"
+    shard_size: int = 1 << 30
+    chunk_frames: int = 32
+
+    def __post_init__(self):
+        if self.flow_dtype not in ("uint8", "float16"):
+            raise ValueError(f"flow dtype must be uint8 or float16, not {self.flow_dtype!r}")
+        if self.flow_dtype == "float16" and Codec.parse(self.flow_codec).name not in ("zstd", "raw"):
+            raise ValueError(f"float16 flow needs a zstd or raw codec, not {self.flow_codec}")
+        if self.format not in ("arrow", "hdf5"):
+            raise ValueError(f"format must be arrow or hdf5, not {self.format!r}")
+        if self.fps <= 0 or self.short_side <= 0 or self.chunk_frames <= 0 or self.flow_bound <= 0:
+            raise ValueError("fps, short side, chunk frames and flow bound must be positive")
+        Codec.parse(self.rgb_codec)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class VideoChunk:
+    """Frames ``[start, start + len(rgb))`` of one video.
+
+    ``rgb``: encoded ``[H, W, 3] uint8`` frames. ``gray``: ``[n, H, W] uint8`` frames for the flow
+    solver, one more than ``rgb`` unless ``last``; dropped (``None``) once flow is computed.
+    ``flow``: encoded ``[H, W, 2]`` flows, one per RGB frame except the video's last frame.
+    """
+
+    video_id: str
+    start: int
+    rgb: list[bytes]
+    gray: np.ndarray | None
+    height: int
+    width: int
+    source: SourceInfo
+    last: bool
+    flow: list[bytes] | None = None
+
+
+def decode_chunks(spec: VideoSpec, config: ExtractConfig) -> Iterator[VideoChunk]:
+    """Decode ``spec`` into chunks of ``config.chunk_frames`` frames with RGB encoded, flow pending.
+
+    Raises :class:`DecodeError` for unreadable videos and for videos of fewer than 2 frames.
+    """
+    try:
+        yield from _decode_chunks(spec, config)
+    except VideoError:
+        raise
+    except Exception as e:  # any library error on one bad file fails that video, not the run
+        raise DecodeError(f"{type(e).__name__}: {e}") from e
+
+
+def _decode_chunks(spec: VideoSpec, config: ExtractConfig) -> Iterator[VideoChunk]:
+    rgb_codec = Codec.parse(config.rgb_codec)
+    n = config.chunk_frames
+    with VideoDecoder(spec.path) as video:
+        frames = video.frames(config.fps, config.short_side, spec.start, spec.end, config.max_frames)
+        rgb: list[bytes] = []
+        gray: list[np.ndarray] = []
+        start = 0
+        shape = None
+        for frame in frames:
+            if len(rgb) == n:
+                # This frame is the next chunk's first; it closes this chunk's last flow pair.
+                gray.append(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY))
+                yield VideoChunk(spec.video_id, start, rgb, np.stack(gray), *shape, video.info, last=False)
+                start += n
+                rgb, gray = [], [gray[-1]]
+            else:
+                gray.append(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY))
+            if shape is None:
+                shape = frame.shape[:2]
+            elif frame.shape[:2] != shape:
+                raise DecodeError(f"frame size changed mid-stream from {shape} to {frame.shape[:2]}")
+            rgb.append(rgb_codec.encode(frame))
+        if start + len(rgb) < 2:
+            raise DecodeError(f"{start + len(rgb)} frame(s) decoded: flow needs at least 2")
+        yield VideoChunk(spec.video_id, start, rgb, np.stack(gray), *shape, video.info, last=True)
+
+
+def flow_chunk(chunk: VideoChunk, backend: FlowBackend, config: ExtractConfig) -> VideoChunk:
+    """Compute, quantize and encode the chunk's flow; returns the chunk with ``flow`` set, ``gray`` dropped."""
+    codec = Codec.parse(config.flow_codec)
+    try:
+        flow = backend.compute(chunk.gray)
+    except VideoError:
+        raise
+    except Exception as e:
+        raise FlowError(f"{backend.name}: {type(e).__name__}: {e}") from e
+    expected = len(chunk.rgb) - 1 if chunk.last else len(chunk.rgb)
+    if flow.shape != (expected, chunk.height, chunk.width, 2):
+        raise FlowError(f"backend {backend.name} returned {flow.shape}, expected {(expected, chunk.height, chunk.width, 2)}")
+    if not np.isfinite(flow).all():
+        raise FlowError(f"backend {backend.name} returned non-finite flow")
+    stored = quantize_flow(flow, config.flow_bound) if config.flow_dtype == "uint8" else flow.astype(np.float16)
+    return dataclasses.replace(chunk, gray=None, flow=[codec.encode(f) for f in stored])
+
+
+def video_chunks(spec: VideoSpec, config: ExtractConfig, backend: FlowBackend) -> Iterator[VideoChunk]:
+    """All of ``spec``'s chunks, flow included, in one process (the stages composed without Ray)."""
+    for chunk in decode_chunks(spec, config):
+        yield flow_chunk(chunk, backend, config)

@@ -1,0 +1,154 @@
+"""Ray wiring: decode actors stream chunks to flow actors; the driver reads them in video order.
+
+* ``DecodeWorker`` (no CPU reserved: decoding and JPEG cost about 1 % of TV-L1) decodes several
+  videos at once (threads), each as a streaming generator. It hands each chunk to a flow actor as
+  soon as it exists, keeps ``FLOW_LOOKAHEAD`` of them in flight per video, and yields the
+  finished chunks in order.
+* ``FlowWorker`` (one CPU, or one GPU) holds one flow backend and turns chunks into stored bytes.
+* The driver keeps a bounded window of videos in flight and consumes them in input order; each
+  generator stops after a few unconsumed chunks (Ray's generator backpressure), so memory stays
+  bounded by ``window x (lookahead + backpressure) x chunk`` however long the videos are.
+
+Plain actors were chosen over Ray Data: ordered, per-video streaming results (needed for
+deterministic shards and exact resume) and per-video failure records are direct here, and one
+long-lived backend per actor is what the GPU solvers need.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections import deque
+from collections.abc import Iterator
+
+import ray
+
+from flowprep.errors import VideoError
+from flowprep.flow import get_backend
+from flowprep.pipeline import ExtractConfig, VideoChunk, decode_chunks, flow_chunk
+from flowprep.sources import VideoSpec
+
+log = logging.getLogger(__name__)
+
+# Finished chunks a video (not yet the one being written) may hold before its decoder pauses.
+BACKPRESSURE_CHUNKS = 4
+# Chunks of one video in the flow actors' hands at once.
+FLOW_LOOKAHEAD = 3
+
+
+class WorkerError(VideoError):
+    stage = "worker"
+
+
+class FlowWorker:
+    def __init__(self, config: ExtractConfig, threads: int = 1):
+        self.config = config
+        self.backend = get_backend(config.flow_backend, config.flow_params, threads=threads)
+
+    def flow(self, chunk: VideoChunk) -> VideoChunk:
+        return flow_chunk(chunk, self.backend, self.config)
+
+
+class DecodeWorker:
+    def __init__(self, config: ExtractConfig, flow_worker_names: list[str]):
+        import cv2
+
+        cv2.setNumThreads(1)
+        self.config = config
+        # Names, not handles: a restarted decoder finds the flow actors again by itself.
+        self.flow_workers = [ray.get_actor(name) for name in flow_worker_names]
+
+    def decode(self, spec: VideoSpec, first_worker: int):
+        in_flight = deque()
+        try:
+            for i, chunk in enumerate(decode_chunks(spec, self.config)):
+                in_flight.append(self.flow_workers[(first_worker + i) % len(self.flow_workers)].flow.remote(chunk))
+                if len(in_flight) > FLOW_LOOKAHEAD:
+                    yield ray.get(in_flight.popleft())
+            while in_flight:
+                yield ray.get(in_flight.popleft())
+        except ray.exceptions.RayTaskError as e:
+            raise e.cause if isinstance(e.cause, VideoError) else e
+
+
+def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to ``address`` (or ``$RAY_ADDRESS``), or start a local Ray with ``num_cpus``."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
+
+
+def _video_error(e: Exception) -> VideoError:
+    if isinstance(e, ray.exceptions.RayTaskError) and isinstance(e.cause, VideoError):
+        return e.cause
+    if isinstance(e, ray.exceptions.RayActorError):
+        return WorkerError(f"worker process died: {e.__class__.__name__}")
+    return WorkerError(str(e).splitlines()[0])
+
+
+def _chunks(generator) -> Iterator[VideoChunk]:
+    try:
+        for ref in generator:
+            yield ray.get(ref)
+    except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
+        for _ in generator:  # let the decoder finish this video rather than block on backpressure
+            pass
+        raise _video_error(e) from None
+
+
+def ray_video_chunks(
+    specs: list[VideoSpec],
+    config: ExtractConfig,
+    workers: int | None = None,
+    decoders: int | None = None,
+    address: str | None = None,
+) -> Iterator[tuple[VideoSpec, Iterator[VideoChunk]]]:
+    """``(spec, chunks)`` for each video of ``specs``, in order, computed by Ray actors.
+
+    ``workers`` flow actors (default: every CPU of the cluster), ``decoders`` decode actors
+    (default: one per 16 flow actors). Consume each video's chunks before asking for the next.
+    Chunk iterators raise :class:`VideoError` for a failed video. Ray is started and the actors
+    created before this returns.
+    """
+    start_ray(address, workers)
+    workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    decoders = decoders or max(1, workers // 16)
+    names = [f"flowprep-flow-{uuid.uuid4().hex}" for _ in range(workers)]
+    flow_workers = [ray.remote(FlowWorker).options(name=name, num_cpus=1, max_restarts=-1).remote(config) for name in names]
+    window = workers + 2 * decoders  # videos in flight: with the lookahead, enough chunks for every worker
+    decode_workers = [
+        ray.remote(DecodeWorker)
+        .options(num_cpus=0, max_restarts=-1, max_concurrency=-(-window // decoders), scheduling_strategy="SPREAD")
+        .remote(config, names)
+        for _ in range(decoders)
+    ]
+    log.info("ray: %d flow workers (%s), %d decoders", workers, config.flow_backend, decoders)
+    return _in_order(specs, decode_workers, flow_workers, window)
+
+
+def _in_order(specs, decode_workers, flow_workers, window):
+    pending = deque()
+    todo = iter(enumerate(specs))
+
+    def submit() -> None:
+        for i, spec in todo:
+            decoder = decode_workers[i % len(decode_workers)]
+            generator = decoder.decode.options(_generator_backpressure_num_objects=BACKPRESSURE_CHUNKS).remote(spec, i)
+            pending.append((spec, generator))
+            return
+
+    for _ in range(window):
+        submit()
+    try:
+        while pending:
+            spec, generator = pending.popleft()
+            submit()
+            yield spec, _chunks(generator)
+    finally:
+        for actor in flow_workers + decode_workers:
+            ray.kill(actor)

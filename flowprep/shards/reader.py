@@ -1,0 +1,150 @@
+"""Read frames back from an output folder, either format, by (video, frame range)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from flowprep.codec import Codec, dequantize_flow
+from flowprep.shards.layout import DATASET_JSON, INDEX, SCHEMA_VERSION
+
+
+class ShardReader:
+    """Random access to the videos of an extract output folder.
+
+    The index is read on first use and shard files are opened when first needed, once per process
+    (a handle never crosses a fork). Arrow shards are memory-mapped: reading a frame range touches
+    only those frames' bytes.
+
+    >>> reader = ShardReader("shards/")
+    >>> rgb = reader.rgb(reader.video_ids[0], 0, 16)    # [16, H, W, 3] uint8
+    >>> flow = reader.flow(reader.video_ids[0], 0, 16)  # [16, H, W, 2] float32, pixels
+    """
+
+    def __init__(self, out: str | Path):
+        self.out = Path(out)
+        path = self.out / DATASET_JSON
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.out} is not a flowprep output folder: {DATASET_JSON} is missing")
+        self.dataset: dict = json.loads(path.read_text())
+        if self.dataset.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(f"{path}: schema version {self.dataset.get('schema_version')}, this flowprep reads {SCHEMA_VERSION}")
+        params = self.dataset["params"]
+        self.format: str = params["format"]
+        self.chunk_frames: int = params["chunk_frames"]
+        self.flow_bound: float = params["flow_bound"]
+        self.flow_dtype = np.dtype(params["flow_dtype"])
+        self._rgb_codec = Codec.parse(params["rgb_codec"])
+        self._flow_codec = Codec.parse(params["flow_codec"])
+        self._rows: dict[str, dict] | None = None
+        self._files: dict[str, object] = {}
+        self._pid = os.getpid()
+
+    @property
+    def _index(self) -> dict[str, dict]:
+        if self._rows is None:
+            path = self.out / INDEX
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is missing: no shard of this output is complete yet")
+            self._rows = {row["video_id"]: row for row in pq.read_table(path).to_pylist()}
+        return self._rows
+
+    @property
+    def video_ids(self) -> list[str]:
+        """Every written video, in shard order."""
+        return list(self._index)
+
+    @property
+    def label_map(self) -> dict[str, int]:
+        return self.dataset["label_map"]
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, video_id: str) -> bool:
+        return video_id in self._index
+
+    def meta(self, video_id: str) -> dict:
+        """The video's index row: label, label_index, num_frames, height, width, fps, source, ..."""
+        try:
+            return dict(self._index[video_id])
+        except KeyError:
+            raise KeyError(f"no video {video_id!r} in {self.out}") from None
+
+    def _shard(self, shard: str):
+        if self._pid != os.getpid():  # forked: the parent's handles are not ours to use
+            self._files, self._pid = {}, os.getpid()
+        if shard not in self._files:
+            path = self.out / shard
+            if not path.is_file():
+                raise FileNotFoundError(f"shard {path} is missing")
+            try:
+                if self.format == "arrow":
+                    self._files[shard] = pa.ipc.open_file(pa.memory_map(str(path)))
+                else:
+                    self._files[shard] = h5py.File(path, "r")
+            except (OSError, pa.ArrowInvalid) as e:
+                raise OSError(f"shard {path} is corrupt or truncated: {e}") from None
+        return self._files[shard]
+
+    def _blobs(self, video_id: str, column: str, start: int, stop: int | None, length: int) -> list:
+        stop = length if stop is None else stop
+        if not 0 <= start <= stop <= length:
+            raise IndexError(f"{video_id}: {column} frames [{start}, {stop}) out of range [0, {length})")
+        row = self.meta(video_id)
+        shard = self._shard(row["shard"])
+        if self.format == "hdf5":
+            return list(shard[f"videos/{video_id}/{column}"][start:stop])
+        blobs = []
+        first, last = start // self.chunk_frames, (stop - 1) // self.chunk_frames
+        for b in range(first, last + 1) if stop > start else ():
+            batch = shard.get_batch(row["shard_offset"] + b)
+            lo = max(start - b * self.chunk_frames, 0)
+            hi = min(stop - b * self.chunk_frames, batch.num_rows)
+            blobs.extend(batch.column(column).slice(lo, hi - lo).to_pylist())
+        return blobs
+
+    def rgb(self, video_id: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """RGB frames ``[start, stop)`` as ``[T, H, W, 3] uint8``."""
+        row = self.meta(video_id)
+        shape = (row["height"], row["width"], 3)
+        blobs = self._blobs(video_id, "rgb", start, stop, row["num_frames"])
+        return _stack([self._rgb_codec.decode(b, shape) for b in blobs], shape, np.uint8)
+
+    def flow(self, video_id: str, start: int = 0, stop: int | None = None, raw: bool = False) -> np.ndarray:
+        """Flows ``[start, stop)`` (flow t: frame t to t + 1) as ``[T, H, W, 2] float32`` pixels.
+
+        ``raw=True`` returns the stored values instead: uint8 ``q`` (pixels = ``q * 2b / 255 - b``)
+        or float16.
+        """
+        row = self.meta(video_id)
+        shape = (row["height"], row["width"], 2)
+        blobs = self._blobs(video_id, "flow", start, stop, row["num_frames"] - 1)
+        stored = _stack([self._flow_codec.decode(b, shape, self.flow_dtype) for b in blobs], shape, self.flow_dtype)
+        if raw:
+            return stored
+        if self.flow_dtype == np.uint8:
+            return dequantize_flow(stored, self.flow_bound)
+        return stored.astype(np.float32)
+
+    def close(self) -> None:
+        for f in self._files.values():
+            if isinstance(f, h5py.File):
+                f.close()
+        self._files = {}
+
+    def __enter__(self) -> ShardReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _stack(frames: list[np.ndarray], shape: tuple[int, ...], dtype) -> np.ndarray:
+    return np.stack(frames) if frames else np.empty((0, *shape), dtype)

@@ -1,0 +1,191 @@
+"""Write videos, chunk by chunk, into shard files of about ``shard_size`` bytes.
+
+Videos go in the order they are given and a video never spans two shards, so the same input and
+options give the same shard files byte for byte, and a resumed run continues exactly where the
+killed one's last complete shard ended.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pyarrow as pa
+
+from flowprep.pipeline import ExtractConfig, VideoChunk
+from flowprep.shards.layout import (
+    ARROW_SHARD_SCHEMA,
+    INDEX_SCHEMA,
+    PARTIAL,
+    SHARDS,
+    index_part_path,
+    shard_name,
+    write_table,
+)
+
+
+class ArrowShardFile:
+    """An Arrow IPC file: one record batch per chunk (``ARROW_SHARD_SCHEMA``)."""
+
+    def __init__(self, path: Path, metadata: dict[str, str]):
+        self._sink = pa.OSFile(str(path), "wb")
+        self._writer = pa.ipc.new_file(self._sink, ARROW_SHARD_SCHEMA.with_metadata(metadata))
+        self.batches = 0
+
+    def begin_video(self, video_id: str) -> int:
+        return self.batches
+
+    def add(self, video_id: str, chunk: VideoChunk) -> None:
+        n = len(chunk.rgb)
+        flow = chunk.flow + [None] * (n - len(chunk.flow))
+        batch = pa.record_batch(
+            [pa.array([video_id] * n), pa.array(range(chunk.start, chunk.start + n), pa.int32()), pa.array(chunk.rgb, pa.binary()), pa.array(flow, pa.binary())],
+            schema=ARROW_SHARD_SCHEMA,
+        )
+        self._writer.write_batch(batch)
+        self.batches += 1
+
+    def abort_video(self, video_id: str) -> None:
+        pass  # its batches stay in the file, unreferenced by the index
+
+    def close(self) -> None:
+        self._writer.close()
+        self._sink.close()
+
+
+class HDF5ShardFile:
+    """An HDF5 file: group ``videos/<video_id>`` with datasets ``rgb`` and ``flow``, each a chunked
+    1-D array of encoded frames (variable-length uint8), ``flow`` one shorter than ``rgb``."""
+
+    def __init__(self, path: Path, metadata: dict[str, str], chunk_frames: int):
+        # Without timestamps and with a fixed format version, equal content gives equal bytes.
+        self._file = h5py.File(path, "w", libver=("v110", "v110"), track_order=True)
+        self._file.attrs.update(metadata)
+        self._videos = self._file.create_group("videos", track_order=True)
+        self._chunk_frames = chunk_frames
+        self.count = 0
+
+    def begin_video(self, video_id: str) -> int:
+        group = self._videos.create_group(video_id)
+        blob = h5py.vlen_dtype(np.uint8)
+        for name in ("rgb", "flow"):
+            group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=blob, chunks=(self._chunk_frames,), track_times=False)
+        self.count += 1
+        return self.count - 1
+
+    def add(self, video_id: str, chunk: VideoChunk) -> None:
+        group = self._videos[video_id]
+        for name, blobs in (("rgb", chunk.rgb), ("flow", chunk.flow)):
+            ds = group[name]
+            n = ds.shape[0]
+            if not blobs:
+                continue
+            ds.resize((n + len(blobs),))
+            ds[n:] = [np.frombuffer(b, np.uint8) for b in blobs]
+
+    def abort_video(self, video_id: str) -> None:
+        del self._videos[video_id]
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class ShardWriter:
+    """Appends videos to the current shard and closes it once it reaches ``config.shard_size``.
+
+    Use per video: :meth:`begin_video`, :meth:`add_chunk` for each chunk in order, then
+    :meth:`end_video` (returns its index row) or :meth:`abort_video`. ``on_shard_complete`` is
+    called with each complete shard's relative path, after it became visible.
+    """
+
+    def __init__(
+        self,
+        out: str | Path,
+        config: ExtractConfig,
+        first_shard: int = 0,
+        metadata: dict[str, str] | None = None,
+        on_shard_complete: Callable[[str], None] | None = None,
+    ):
+        self.out = Path(out)
+        self.config = config
+        self._metadata = metadata or {}
+        self._next_shard = first_shard
+        self._on_shard_complete = on_shard_complete
+        self._file: ArrowShardFile | HDF5ShardFile | None = None
+        self._shard: str | None = None
+        self._rows: list[dict] = []
+        self._bytes = 0
+        self._video: dict | None = None
+        (self.out / SHARDS).mkdir(parents=True, exist_ok=True)
+
+    def _open_shard(self) -> None:
+        self._shard = shard_name(self._next_shard, self.config.format)
+        self._next_shard += 1
+        path = self.out / (self._shard + PARTIAL)
+        if self.config.format == "arrow":
+            self._file = ArrowShardFile(path, self._metadata)
+        else:
+            self._file = HDF5ShardFile(path, self._metadata, self.config.chunk_frames)
+        self._rows, self._bytes = [], 0
+
+    def begin_video(self, row: dict) -> None:
+        """Start a video; ``row`` holds its index fields known before decoding (id, label, source...)."""
+        if self._file is None:
+            self._open_shard()
+        offset = self._file.begin_video(row["video_id"])
+        self._video = {**row, "shard": self._shard, "shard_offset": offset, "num_frames": 0, "bytes": 0, "_sha": hashlib.sha256()}
+
+    def add_chunk(self, chunk: VideoChunk) -> None:
+        video = self._video
+        if chunk.start != video["num_frames"]:
+            raise ValueError(f"{video['video_id']}: chunk starts at frame {chunk.start}, expected {video['num_frames']}")
+        self._file.add(video["video_id"], chunk)
+        for i, rgb in enumerate(chunk.rgb):
+            video["_sha"].update(rgb)
+            if i < len(chunk.flow):
+                video["_sha"].update(chunk.flow[i])
+        size = sum(map(len, chunk.rgb)) + sum(map(len, chunk.flow))
+        video["bytes"] += size
+        video["num_frames"] += len(chunk.rgb)
+        video.update(height=chunk.height, width=chunk.width, source_fps=chunk.source.fps,
+                     source_duration=chunk.source.duration, source_codec=chunk.source.codec)
+        self._bytes += size
+
+    def end_video(self) -> dict:
+        """Finish the video; returns its index row. Closes the shard when it is full."""
+        row = self._video
+        row["checksum"] = row.pop("_sha").hexdigest()
+        self._rows.append(row)
+        self._video = None
+        if self._bytes >= self.config.shard_size:
+            self._close_shard()
+        return row
+
+    def abort_video(self) -> None:
+        """Drop the video begun last (a failure part-way); it gets no index row."""
+        self._file.abort_video(self._video["video_id"])
+        self._video = None
+
+    def _close_shard(self) -> None:
+        self._file.close()
+        self._file = None
+        if not self._rows:  # every video in it failed
+            os.unlink(self.out / (self._shard + PARTIAL))
+            self._next_shard -= 1
+            return
+        partial = self.out / (self._shard + PARTIAL)
+        with open(partial, "rb+") as f:
+            os.fsync(f.fileno())  # the rename below must never expose a shard that is not on disk
+        write_table(index_part_path(self.out, self._shard), pa.Table.from_pylist(self._rows, schema=INDEX_SCHEMA))
+        os.replace(self.out / (self._shard + PARTIAL), self.out / self._shard)
+        if self._on_shard_complete:
+            self._on_shard_complete(self._shard)
+
+    def close(self) -> None:
+        """Close the last shard (if any video went into it)."""
+        if self._file is not None:
+            self._close_shard()

@@ -69,7 +69,10 @@ class Codec:
             if self.name == "zstd":
                 blob = pa.Codec("zstd").decompress(blob, decompressed_size=size, asbytes=True)
             return np.frombuffer(blob, dtype=dtype).reshape(shape)
-        image = cv2.imdecode(np.frombuffer(blob, np.uint8), cv2.IMREAD_UNCHANGED)
+        try:
+            image = cv2.imdecode(np.frombuffer(blob, np.uint8), cv2.IMREAD_UNCHANGED)
+        except cv2.error:  # an empty blob fails OpenCV's assertion instead of returning None
+            image = None
         if image is None:
             raise ValueError(f"corrupt {self.name} frame")
         return _from_image(image, shape)

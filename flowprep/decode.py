@@ -89,6 +89,9 @@ class VideoDecoder:
             raise DecodeError("no video stream")
         self._stream = self._container.streams.video[0]
         ctx = self._stream.codec_context
+        if ctx is None:  # e.g. an mp4 whose moov atom is cut short: FFmpeg knows no codec for it
+            self._container.close()
+            raise DecodeError("video stream has no decodable codec (truncated or unsupported file?)")
         if decoder_threads:
             ctx.thread_count = decoder_threads
         ctx.thread_type = "AUTO"
@@ -137,8 +140,9 @@ class VideoDecoder:
         stream, time_base = self._stream, self._stream.time_base
         step = 1 / Fraction(fps)
         first = Fraction(stream.start_time or 0) * time_base
-        origin = first + Fraction(start) if start else None
-        stop = first + Fraction(end) if end is not None else None
+        # Seconds through their decimal text, so that 0.3 means 3/10 and not the float just below it.
+        origin = first + Fraction(str(start)) if start else None
+        stop = first + Fraction(str(end)) if end is not None else None
         if origin is not None:
             self._container.seek(int(origin / time_base), stream=stream, backward=True, any_frame=False)
         k = 0

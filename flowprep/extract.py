@@ -147,7 +147,7 @@ def extract(
     out = Path(out)
     config = resolve_config(config)
     specs, problems = find_videos(src, annotations, config.trim)
-    label_map = build_label_map(specs, labels_file)
+    label_map = build_label_map([s.label for s in specs] + [p.label for p in problems], labels_file)
     if limit is not None:
         specs = specs[:limit]
     description = {

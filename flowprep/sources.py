@@ -13,6 +13,7 @@ The video id is always the file stem. Everything here is plain data: no video is
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,11 +38,15 @@ class VideoSpec:
 
 @dataclass(frozen=True)
 class SourceProblem:
-    """A video named by the source that cannot be used (missing file, duplicate id)."""
+    """A video named by the source that cannot be used (missing file, duplicate id).
+
+    Its ``label`` still counts for the label map, so a partial download maps classes as a full one.
+    """
 
     video_id: str
     source: str
     error: str
+    label: str | None = None
 
 
 def _video_files(root: Path) -> list[Path]:
@@ -110,7 +115,7 @@ def find_annotated_videos(
             segment = (start, end) if trim else (None, None)
             specs.append(VideoSpec(youtube_id, str(by_stem[youtube_id]), label, split, *segment))
         else:
-            problems.append(SourceProblem(clip_id, str(Path(src) / f"{clip_id}.*"), "file not found"))
+            problems.append(SourceProblem(clip_id, str(Path(src) / f"{clip_id}.*"), "file not found", label))
     return specs, problems
 
 
@@ -125,15 +130,17 @@ def find_videos(
     return find_class_folder_videos(src)
 
 
-def build_label_map(specs: list[VideoSpec], labels_file: str | Path | None = None) -> dict[str, int]:
-    """Class name to index: the sorted class names of ``specs``, or one name a line of ``labels_file``."""
+def build_label_map(labels: Iterable[str | None], labels_file: str | Path | None = None) -> dict[str, int]:
+    """Class name to index: the sorted distinct ``labels`` (``None`` skipped), or one name a line of
+    ``labels_file``, which must hold every label."""
+    found = {label for label in labels if label is not None}
     if labels_file is not None:
         names = [line.strip() for line in Path(labels_file).read_text().splitlines() if line.strip()]
         if len(set(names)) != len(names):
             raise ValueError(f"{labels_file}: a class name appears twice")
-        unknown = sorted({s.label for s in specs if s.label is not None} - set(names))
+        unknown = sorted(found - set(names))
         if unknown:
             raise ValueError(f"{labels_file} lacks classes found in the source: {unknown[:10]}")
     else:
-        names = sorted({s.label for s in specs if s.label is not None})
+        names = sorted(found)
     return {name: i for i, name in enumerate(names)}

@@ -1,0 +1,83 @@
+"""Shared fixtures: videos generated with PyAV and the real sample clips."""
+
+from __future__ import annotations
+
+import shutil
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from flowprep.samples import sample_clip
+
+INDEX_BITS = 8
+BIT_WIDTH = 16
+
+
+def index_frame(i: int, height: int = 64, width: int = INDEX_BITS * BIT_WIDTH) -> np.ndarray:
+    """A ``[H, W, 3] uint8`` frame whose vertical stripes spell ``i`` in binary (stripe 0 = bit 0)."""
+    frame = np.zeros((height, width, 3), np.uint8)
+    for bit in range(INDEX_BITS):
+        if i >> bit & 1:
+            frame[:, bit * BIT_WIDTH : (bit + 1) * BIT_WIDTH] = 255
+    return frame
+
+
+def read_index(frame: np.ndarray) -> int:
+    """The index spelled by a (decoded, resized) :func:`index_frame`."""
+    gray = frame.mean(axis=(0, 2))
+    stripe = frame.shape[1] / INDEX_BITS
+    return sum(1 << b for b in range(INDEX_BITS) if gray[int((b + 0.5) * stripe)] > 128)
+
+
+def write_video(path: Path, frames, fps: int | Fraction = 25, codec: str = "libx264", rotation: int = 0,
+                timestamps=None, pix_fmt: str = "yuv420p") -> Path:
+    """Encode ``[H, W, 3] uint8`` frames with PyAV; ``timestamps`` (seconds) make a variable-rate video."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames = list(frames)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = pix_fmt
+        if timestamps is not None:
+            stream.time_base = Fraction(1, 1000)
+        if rotation:
+            stream.set_display_rotation(rotation)
+        for i, image in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            if timestamps is not None:
+                frame.pts = round(timestamps[i] * 1000)
+                frame.time_base = Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def textured_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A real photo-like texture: a crop of bikes.mp4's first frame, tiled if needed."""
+    with av.open(str(sample_clip("bikes.mp4"))) as c:
+        frame = next(c.decode(video=0)).to_ndarray(format="rgb24")
+    reps = (-(-height // frame.shape[0]), -(-width // frame.shape[1]), 1)
+    return np.tile(frame, reps)[:height, :width].copy()
+
+
+@pytest.fixture(scope="session")
+def bikes() -> Path:
+    return sample_clip("bikes.mp4")
+
+
+@pytest.fixture(scope="session")
+def kinetics_folder(tmp_path_factory) -> Path:
+    """A small class-folder Kinetics layout: real clips and generated videos of several codecs."""
+    root = tmp_path_factory.mktemp("kinetics")
+    for target, name in (("train/riding_bike/bikes.mp4", "bikes.mp4"), ("train/talking/carphone.mp4", "carphone_pristine.mp4")):
+        (root / target).parent.mkdir(parents=True)
+        shutil.copy(sample_clip(name), root / target)
+    write_video(root / "val" / "counting" / "index_vp9.webm", [index_frame(i) for i in range(12)], fps=30, codec="libvpx-vp9")
+    write_video(root / "val" / "counting" / "index_mpeg4.avi", [index_frame(i) for i in range(12)], fps=15, codec="mpeg4")
+    return root

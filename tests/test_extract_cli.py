@@ -1,0 +1,159 @@
+"""``flowprep extract`` as a user runs it: a subprocess, a real local Ray, real and broken videos."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from flowprep import ShardReader
+from flowprep.samples import sample_clip
+from flowprep.shards.layout import complete_shards
+
+from conftest import index_frame, read_index, textured_image, write_video
+
+SMALL = ["--short-side", "48", "--max-frames", "10", "--chunk-frames", "4", "--no-progress"]
+
+
+def flowprep(*args, check_status: int | None = 0) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "flowprep.cli", *map(str, args)], capture_output=True, text=True, timeout=600)
+    if check_status is not None:
+        assert result.returncode == check_status, result.stdout + result.stderr
+    return result
+
+
+def failures(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.ray
+def test_kinetics_folder_end_to_end_on_ray(kinetics_folder, tmp_path):
+    out = tmp_path / "out"
+    result = flowprep("extract", "--src", kinetics_folder, "--out", out, "--workers", 2, *SMALL)
+    assert "4 written, 0 failed" in result.stdout
+    reader = ShardReader(out)
+    assert sorted(reader.video_ids) == ["bikes", "carphone", "index_mpeg4", "index_vp9"]
+    assert reader.label_map == {"counting": 0, "riding_bike": 1, "talking": 2}
+    bikes = reader.meta("bikes")
+    assert (bikes["label"], bikes["split"], bikes["label_index"], bikes["num_frames"]) == ("riding_bike", "train", 1, 10)
+    assert reader.rgb("bikes").shape == (10, 48, 113, 3)
+    # 30 fps and 15 fps sources at 25 fps: frame k shows source frame floor(k * fps / 25)
+    assert [read_index(f) for f in reader.rgb("index_vp9")] == [k * 30 // 25 for k in range(10)]
+    assert [read_index(f) for f in reader.rgb("index_mpeg4")] == [k * 15 // 25 for k in range(10)]
+    assert reader.meta("index_mpeg4")["source_codec"] == "mpeg4"
+    info = json.loads(flowprep("info", out, "--json").stdout)
+    assert (info["videos"], info["frames"], info["flow_pairs"], info["failed"]) == (4, 40, 36, 0)
+    assert info["videos_per_split"] == {"train": 2, "val": 2}
+    dataset = json.loads((out / "dataset.json").read_text())
+    assert dataset["params"]["flow_backend"] == "opencv" and dataset["params"]["flow_params"]["warps"] == 5
+    assert {"flowprep", "opencv", "pyav", "ffmpeg"} <= dataset["versions"].keys()
+
+
+@pytest.fixture()
+def broken_folder(tmp_path):
+    root = tmp_path / "src" / "things"
+    root.mkdir(parents=True)
+    write_video(root / "good.mp4", [index_frame(i) for i in range(8)])
+    (root / "empty.mp4").write_bytes(b"")
+    (root / "text.mp4").write_text("this is not a video\n" * 50)
+    data = sample_clip("bikes.mp4").read_bytes()
+    (root / "truncated.mp4").write_bytes(data[: len(data) // 3])
+    write_video(root / "one_frame.mp4", [index_frame(1)])
+    import av
+
+    with av.open(str(root / "audio_only.mp4"), "w") as container:
+        stream = container.add_stream("aac", rate=44100)
+        for i in range(10):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 44100, i * 1024
+            for packet in stream.encode(frame):
+                container.mux(packet)
+    return root.parent
+
+
+@pytest.mark.ray
+def test_broken_videos_are_recorded_and_the_rest_written(broken_folder, tmp_path):
+    out = tmp_path / "out"
+    result = flowprep("extract", "--src", broken_folder, "--out", out, "--workers", 2, *SMALL, check_status=3)
+    assert "1 written, 5 failed" in result.stdout
+    assert ShardReader(out).video_ids == ["good"]
+    records = {r["video_id"]: r for r in failures(out)}
+    assert sorted(records) == ["audio_only", "empty", "one_frame", "text", "truncated"]
+    assert all(r["stage"] == "decode" and r["source"].endswith(r["video_id"] + ".mp4") for r in records.values())
+    assert records["empty"]["error"] == "empty file (0 bytes)"
+    assert records["audio_only"]["error"] == "no video stream"
+    assert "at least 2" in records["one_frame"]["error"]
+    assert records["text"]["error"].startswith("FFmpeg cannot open it")
+
+
+def test_exit_status_follows_allow_failures(broken_folder, tmp_path):
+    out = tmp_path / "out"
+    args = ["extract", "--src", broken_folder, "--out", out, "--workers", 0, *SMALL]
+    flowprep(*args, check_status=3)  # 5 of 6 failed, none allowed
+    flowprep(*args, "--allow-failures", "4", check_status=3)
+    flowprep(*args, "--allow-failures", "5", check_status=0)
+    flowprep(*args, "--allow-failures", "0.8", check_status=3)  # int(0.8 * 6) = 4 < 5
+    flowprep(*args, "--allow-failures", "0.9", check_status=0)  # int(0.9 * 6) = 5
+    result = flowprep(*args, "--allow-failures", "0.9", "--short-side", "64", check_status=1)
+    assert "other params" in result.stderr and "--overwrite" in result.stderr
+    assert "Exit status" in flowprep("extract", "--help").stdout
+
+
+def test_annotation_csv_with_missing_rows_and_trim(tmp_path):
+    src = tmp_path / "flat"
+    src.mkdir()
+    write_video(src / "abc_000001_000002.mp4", [index_frame(i) for i in range(10)])
+    write_video(src / "full.mp4", [index_frame(i) for i in range(100)])  # 4 s at 25 fps, cut to [1, 2)
+    csv = tmp_path / "train.csv"
+    csv.write_text("label,youtube_id,time_start,time_end,split\n"
+                   "waving,abc,1,2,train\nwaving,full,1,2,train\nclapping,gone,5,15,train\n")
+    out = tmp_path / "out"
+    flowprep("extract", "--src", src, "--out", out, "--annotations", csv, "--trim", "--workers", 0, "--allow-failures", 1, *SMALL[:2], "--no-progress")
+    reader = ShardReader(out)
+    assert reader.video_ids == ["abc_000001_000002", "full"]
+    assert reader.label_map == {"clapping": 0, "waving": 1}
+    full = reader.meta("full")
+    assert (full["segment_start"], full["segment_end"], full["num_frames"]) == (1.0, 2.0, 25)
+    assert [read_index(f) for f in reader.rgb("full", 0, 3)] == [25, 26, 27]
+    assert failures(out) == [{"video_id": "gone_000005_000015", "source": str(src / "gone_000005_000015.*"), "stage": "source", "error": "file not found"}]
+
+
+@pytest.mark.ray
+def test_killed_run_resumes_to_the_same_output(tmp_path):
+    src = tmp_path / "src" / "pans"
+    image = textured_image(96, 160)
+    for v in range(6):
+        write_video(src / f"pan{v}.mp4", [np.roll(image, (v + 1) * i, axis=1) for i in range(10)])
+    reference, out = tmp_path / "reference", tmp_path / "out"
+    args = ["--src", src.parent, "--shard-size", "1", "--short-side", "64", "--chunk-frames", "4", "--no-progress"]
+    flowprep("extract", *args, "--out", reference, "--workers", 0)
+
+    # Kill the whole process group (driver and its local Ray) once the first shard is complete.
+    proc = subprocess.Popen([sys.executable, "-m", "flowprep.cli", "extract", *map(str, args), "--out", str(out), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for line in proc.stderr:
+        if "shard complete" in line:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = complete_shards(out)
+    assert 1 <= len(killed_at) < 6
+
+    result = flowprep("extract", *args, "--out", out, "--workers", 1)
+    assert f"{len(killed_at)} already written, {6 - len(killed_at)} written" in result.stdout
+    assert not list(out.glob("**/*.partial"))
+    assert complete_shards(out) == complete_shards(reference)
+    for shard in complete_shards(reference):
+        assert (out / shard).read_bytes() == (reference / shard).read_bytes(), shard
+    index = pq.read_table(out / "index.parquet")
+    assert sorted(index.column("video_id").to_pylist()) == [f"pan{v}" for v in range(6)]
+    assert index.equals(pq.read_table(reference / "index.parquet"))
+    shutil.rmtree(out)

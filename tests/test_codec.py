@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
@@ -104,8 +105,6 @@ def test_flow_round_trip(spec):
 
 
 def test_png_flow_planes_stacked():
-    import cv2
-
     flow = np.zeros((8, 10, 2), np.uint8)
     flow[..., 0] = 10
     flow[..., 1] = 200

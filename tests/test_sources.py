@@ -122,6 +122,10 @@ def test_annotated_missing_file(tmp_path):
     assert problems[0].video_id == "gone_000003_000013"
     assert problems[0].error == "file not found"
     assert "gone_000003_000013" in problems[0].source
+    # The missing row's class still counts, so a partial download maps classes as a full one.
+    assert problems[0].label == "b"
+    labels = [s.label for s in specs] + [p.label for p in problems]
+    assert build_label_map(labels) == {"a": 0, "b": 1}
 
 
 def test_test_csv_without_label(tmp_path):
@@ -130,7 +134,7 @@ def test_test_csv_without_label(tmp_path):
     specs, problems = find_annotated_videos(tmp_path, csv)
     assert problems == []
     assert specs == [VideoSpec("abc_000001_000011", str(clip), None, "test")]
-    assert build_label_map(specs) == {}
+    assert build_label_map(s.label for s in specs) == {}
 
 
 def test_full_length_source_trim(tmp_path):
@@ -163,32 +167,26 @@ def test_annotation_csv_missing_columns(tmp_path):
 # label maps
 
 
-def specs_with(*labels):
-    return [VideoSpec(f"v{i}", f"/x/v{i}.mp4", label) for i, label in enumerate(labels)]
-
-
 def test_label_map_sorted():
-    specs = specs_with("zumba", "abseiling", None, "cooking", "abseiling")
-    assert build_label_map(specs) == {"abseiling": 0, "cooking": 1, "zumba": 2}
+    assert build_label_map(["zumba", "abseiling", None, "cooking", "abseiling"]) == {"abseiling": 0, "cooking": 1, "zumba": 2}
 
 
 def test_label_map_from_file(tmp_path):
     labels = tmp_path / "labels.txt"
     labels.write_text("zumba\n\nabseiling\ncooking\nunused\n")
-    specs = specs_with("abseiling", "zumba")
     # File order, blank lines skipped, classes absent from the source kept.
-    assert build_label_map(specs, labels) == {"zumba": 0, "abseiling": 1, "cooking": 2, "unused": 3}
+    assert build_label_map(["abseiling", None, "zumba"], labels) == {"zumba": 0, "abseiling": 1, "cooking": 2, "unused": 3}
 
 
 def test_label_file_missing_a_class(tmp_path):
     labels = tmp_path / "labels.txt"
     labels.write_text("abseiling\ncooking\n")
     with pytest.raises(ValueError, match="zumba"):
-        build_label_map(specs_with("abseiling", "zumba"), labels)
+        build_label_map(["abseiling", "zumba"], labels)
 
 
 def test_label_file_with_duplicate(tmp_path):
     labels = tmp_path / "labels.txt"
     labels.write_text("abseiling\ncooking\nabseiling\n")
     with pytest.raises(ValueError, match="twice"):
-        build_label_map(specs_with("abseiling"), labels)
+        build_label_map(["abseiling"], labels)

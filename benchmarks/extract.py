@@ -1,0 +1,169 @@
+"""``flowprep extract`` throughput against the bare OpenCV TV-L1 solver, and bytes per video.
+
+In one run, on the same frames (real clips decoded at ``--short-side``):
+
+1. baseline: cv2 DualTVL1 on every frame pair, one single-threaded process per core
+   (multiprocessing), frames already decoded: the solver alone;
+2. flowprep extract (local Ray, one flow worker per core) from the video files: decode, flow,
+   encode, write, index;
+3. bytes per video of the Arrow and HDF5 shards against a denseflow-style folder of JPEG files
+   (img_/flow_x_/flow_y_ per frame, quality 95).
+
+Run:  python benchmarks/extract.py [--short-side 256] [--frames 24] [--repeat 1]
+Writes benchmarks/results/extract.json. Ratio = pipeline pairs/s / baseline pairs/s (goal >= 0.9).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from flowprep import ShardReader
+from flowprep.decode import SourceInfo, VideoDecoder
+from flowprep.extract import extract
+from flowprep.flow.opencv import TVL1_DEFAULTS
+from flowprep.pipeline import ExtractConfig, VideoChunk
+from flowprep.samples import sample_clip
+from flowprep.shards import ShardWriter
+
+CLIPS = {"riding_bike/bikes.mp4": "bikes.mp4", "cartoon/bigbuckbunny.mp4": "bigbuckbunny.mp4", "phoning/carphone.mp4": "carphone_pristine.mp4"}
+
+_solver = None
+
+
+def _init_solver() -> None:
+    global _solver
+    cv2.setNumThreads(1)
+    _solver = cv2.optflow.DualTVL1OpticalFlow_create(*TVL1_DEFAULTS.values())
+
+
+def _solve(pair: tuple[np.ndarray, np.ndarray]) -> float:
+    return float(np.abs(_solver.calc(pair[0], pair[1], None)).mean())
+
+
+def bare_solver(pairs: list, processes: int) -> float:
+    """Seconds for the bare solver on ``pairs`` with ``processes`` single-threaded processes."""
+    with multiprocessing.get_context("fork").Pool(processes, initializer=_init_solver) as pool:
+        pool.map(_solve, pairs[:processes], chunksize=1)  # start-up outside the timing
+        t0 = time.perf_counter()
+        pool.map(_solve, pairs, chunksize=1)
+        return time.perf_counter() - t0
+
+
+def denseflow_folder_bytes(reader: ShardReader, dest: Path, quality: int = 95) -> tuple[int, int, int]:
+    """Write the JPEG-per-frame layout; returns (bytes, files, bytes on disk in 4 KiB blocks)."""
+    params = [cv2.IMWRITE_JPEG_QUALITY, quality]
+    for video_id in reader.video_ids:
+        folder = dest / video_id
+        folder.mkdir(parents=True)
+        for i, frame in enumerate(reader.rgb(video_id), 1):
+            cv2.imwrite(str(folder / f"img_{i:05d}.jpg"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), params)
+        for i, flow in enumerate(reader.flow(video_id, raw=True), 1):
+            cv2.imwrite(str(folder / f"flow_x_{i:05d}.jpg"), flow[..., 0], params)
+            cv2.imwrite(str(folder / f"flow_y_{i:05d}.jpg"), flow[..., 1], params)
+    files = [p for p in dest.rglob("*.jpg")]
+    sizes = [p.stat().st_size for p in files]
+    return sum(sizes), len(files), sum(-(-s // 4096) * 4096 for s in sizes)
+
+
+def rewrite_as_hdf5(reader: ShardReader, out: Path, config: ExtractConfig) -> int:
+    """Write the stored blobs of an Arrow output again as HDF5 shards; returns shard bytes."""
+    hdf5 = ExtractConfig(**{**config.to_dict(), "format": "hdf5"})
+    writer = ShardWriter(out, hdf5)
+    for video_id in reader.video_ids:
+        meta = reader.meta(video_id)
+        writer.begin_video({k: meta[k] for k in ("video_id", "label", "label_index", "split", "fps", "source", "segment_start", "segment_end")})
+        n = meta["num_frames"]
+        rgb, flow = reader._blobs(video_id, "rgb", 0, None, n), reader._blobs(video_id, "flow", 0, None, n - 1)
+        for start in range(0, n, config.chunk_frames):
+            stop = min(start + config.chunk_frames, n)
+            writer.add_chunk(_chunk(meta, start, rgb[start:stop], flow[start:stop], last=stop == n))
+        writer.end_video()
+    writer.close()
+    return sum(p.stat().st_size for p in (out / "shards").glob("*.h5"))
+
+
+def _chunk(meta: dict, start: int, rgb: list, flow: list, last: bool) -> VideoChunk:
+    source = SourceInfo(meta["source_codec"], meta["source_fps"], meta["source_duration"], meta["width"], meta["height"])
+    return VideoChunk(meta["video_id"], start, rgb, None, meta["height"], meta["width"], source, last, flow)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--short-side", type=int, default=256)
+    parser.add_argument("--frames", type=int, default=24, help="frames per clip")
+    parser.add_argument("--repeat", type=int, default=1, help="measurements of each side; medians are reported")
+    parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--json", default="benchmarks/results/extract.json")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="flowprep-bench-"))
+    src = work / "src"
+    for target, name in CLIPS.items():
+        (src / target).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(sample_clip(name), src / target)
+    pairs = []
+    for target in CLIPS:
+        with VideoDecoder(str(src / target)) as video:
+            gray = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in video.frames(25, args.short_side, max_frames=args.frames)]
+        pairs += list(zip(gray[:-1], gray[1:]))
+    print(f"{len(pairs)} pairs from {len(CLIPS)} clips at short side {args.short_side}, {args.workers} workers")
+
+    baseline = [bare_solver(pairs, args.workers) for _ in range(args.repeat)]
+    config = ExtractConfig(short_side=args.short_side, max_frames=args.frames)
+    steady, wall = [], []
+    for r in range(args.repeat):
+        out = work / f"arrow{r}"
+        t0 = time.perf_counter()
+        report = extract(src, out, config, workers=args.workers, progress=False)
+        wall.append(time.perf_counter() - t0)
+        steady.append(report.seconds)
+        assert report.written == len(CLIPS) and report.flow_pairs == len(pairs)
+    import ray
+
+    ray.shutdown()
+
+    reader = ShardReader(work / "arrow0")
+    videos = len(reader.video_ids)
+    arrow_bytes = sum(p.stat().st_size for p in (work / "arrow0" / "shards").glob("*.arrow"))
+    hdf5_bytes = rewrite_as_hdf5(reader, work / "hdf5", config)
+    jpeg_bytes, jpeg_files, jpeg_disk = denseflow_folder_bytes(reader, work / "jpeg")
+
+    base_rate = len(pairs) / statistics.median(baseline)
+    steady_rate, wall_rate = len(pairs) / statistics.median(steady), len(pairs) / statistics.median(wall)
+    results = {
+        "pairs": len(pairs), "short_side": args.short_side, "frames_per_clip": args.frames, "workers": args.workers,
+        "frame_sizes": {v: [reader.meta(v)["height"], reader.meta(v)["width"]] for v in reader.video_ids},
+        "baseline_seconds": baseline, "extract_seconds": steady, "extract_wall_seconds": wall,
+        "baseline_pairs_per_s": base_rate, "extract_pairs_per_s": steady_rate, "extract_wall_pairs_per_s": wall_rate,
+        "ratio": steady_rate / base_rate, "ratio_wall": wall_rate / base_rate,
+        "bytes_per_video": {"arrow": arrow_bytes / videos, "hdf5": hdf5_bytes / videos, "jpeg_folder": jpeg_bytes / videos,
+                            "jpeg_folder_on_disk": jpeg_disk / videos},
+        "files_per_video": {"arrow": "shared", "hdf5": "shared", "jpeg_folder": jpeg_files / videos},
+    }
+    print(f"\n{'':34} {'pairs/s':>9} {'ratio':>7}")
+    print(f"{'bare cv2 TV-L1, ' + str(args.workers) + ' processes':34} {base_rate:9.3f} {1:7.3f}")
+    print(f"{'flowprep extract (after start-up)':34} {steady_rate:9.3f} {results['ratio']:7.3f}")
+    print(f"{'flowprep extract (whole call)':34} {wall_rate:9.3f} {results['ratio_wall']:7.3f}")
+    print(f"\n{'bytes per video':34} {'bytes':>12} {'x jpeg':>7}")
+    for name, size in results["bytes_per_video"].items():
+        print(f"{name:34} {size:12.0f} {size / results['bytes_per_video']['jpeg_folder']:7.3f}")
+    print(f"JPEG folder: {jpeg_files / videos:.0f} files per video")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.json}")
+    shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()

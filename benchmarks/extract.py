@@ -9,7 +9,7 @@ In one run, on the same frames (real clips decoded at ``--short-side``):
 3. bytes per video of the Arrow and HDF5 shards against a denseflow-style folder of JPEG files
    (img_/flow_x_/flow_y_ per frame, quality 95).
 
-Run:  python benchmarks/extract.py [--short-side 256] [--frames 24] [--repeat 1]
+Run:  python benchmarks/extract.py [--short-side 256] [--frames 24] [--copies 2] [--repeat 3]
 Writes benchmarks/results/extract.json. Ratio = pipeline pairs/s / baseline pairs/s (goal >= 0.9).
 """
 
@@ -53,7 +53,7 @@ def _solve(pair: tuple[np.ndarray, np.ndarray]) -> float:
 
 def bare_solver(pairs: list, processes: int) -> float:
     """Seconds for the bare solver on ``pairs`` with ``processes`` single-threaded processes."""
-    with multiprocessing.get_context("fork").Pool(processes, initializer=_init_solver) as pool:
+    with multiprocessing.get_context("spawn").Pool(processes, initializer=_init_solver) as pool:
         pool.map(_solve, pairs[:processes], chunksize=1)  # start-up outside the timing
         t0 = time.perf_counter()
         pool.map(_solve, pairs, chunksize=1)
@@ -84,7 +84,8 @@ def rewrite_as_hdf5(reader: ShardReader, out: Path, config: ExtractConfig) -> in
         meta = reader.meta(video_id)
         writer.begin_video({k: meta[k] for k in ("video_id", "label", "label_index", "split", "fps", "source", "segment_start", "segment_end")})
         n = meta["num_frames"]
-        rgb, flow = reader._blobs(video_id, "rgb", 0, None, n), reader._blobs(video_id, "flow", 0, None, n - 1)
+        rgb = [bytes(b) for b in reader.blobs(video_id, "rgb", range(n))]
+        flow = [bytes(b) for b in reader.blobs(video_id, "flow", range(n - 1))]
         for start in range(0, n, config.chunk_frames):
             stop = min(start + config.chunk_frames, n)
             writer.add_chunk(_chunk(meta, start, rgb[start:stop], flow[start:stop], last=stop == n))
@@ -102,6 +103,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--short-side", type=int, default=256)
     parser.add_argument("--frames", type=int, default=24, help="frames per clip")
+    parser.add_argument("--copies", type=int, default=2, help="copies of each clip (more videos: the run's tail weighs less)")
     parser.add_argument("--repeat", type=int, default=1, help="measurements of each side; medians are reported")
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--json", default="benchmarks/results/extract.json")
@@ -109,15 +111,19 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="flowprep-bench-"))
     src = work / "src"
-    for target, name in CLIPS.items():
-        (src / target).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(sample_clip(name), src / target)
+    targets = []
+    for copy in range(args.copies):
+        for target, name in CLIPS.items():
+            path = src / target.replace(".mp4", f"_{copy}.mp4")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(sample_clip(name), path)
+            targets.append(path)
     pairs = []
-    for target in CLIPS:
-        with VideoDecoder(str(src / target)) as video:
+    for path in targets:
+        with VideoDecoder(str(path)) as video:
             gray = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in video.frames(25, args.short_side, max_frames=args.frames)]
         pairs += list(zip(gray[:-1], gray[1:]))
-    print(f"{len(pairs)} pairs from {len(CLIPS)} clips at short side {args.short_side}, {args.workers} workers")
+    print(f"{len(pairs)} pairs from {len(targets)} videos at short side {args.short_side}, {args.workers} workers")
 
     baseline = [bare_solver(pairs, args.workers) for _ in range(args.repeat)]
     config = ExtractConfig(short_side=args.short_side, max_frames=args.frames)
@@ -128,7 +134,7 @@ def main() -> None:
         report = extract(src, out, config, workers=args.workers, progress=False)
         wall.append(time.perf_counter() - t0)
         steady.append(report.seconds)
-        assert report.written == len(CLIPS) and report.flow_pairs == len(pairs)
+        assert report.written == len(targets) and report.flow_pairs == len(pairs)
     import ray
 
     ray.shutdown()
@@ -142,7 +148,7 @@ def main() -> None:
     base_rate = len(pairs) / statistics.median(baseline)
     steady_rate, wall_rate = len(pairs) / statistics.median(steady), len(pairs) / statistics.median(wall)
     results = {
-        "pairs": len(pairs), "short_side": args.short_side, "frames_per_clip": args.frames, "workers": args.workers,
+        "pairs": len(pairs), "videos": len(targets), "short_side": args.short_side, "frames_per_clip": args.frames, "workers": args.workers,
         "frame_sizes": {v: [reader.meta(v)["height"], reader.meta(v)["width"]] for v in reader.video_ids},
         "baseline_seconds": baseline, "extract_seconds": steady, "extract_wall_seconds": wall,
         "baseline_pairs_per_s": base_rate, "extract_pairs_per_s": steady_rate, "extract_wall_pairs_per_s": wall_rate,

@@ -43,7 +43,7 @@ class ExtractConfig:
     flow_codec: str = "zstd:3"
     format: str = "arrow"
     shard_size: int = 1 << 30
-    chunk_frames: int = 32
+    chunk_frames: int = 8
 
     def __post_init__(self):
         if self.flow_dtype not in ("uint8", "float16"):

@@ -1,9 +1,9 @@
 """Ray wiring: decode actors stream chunks to flow actors; the driver reads them in video order.
 
 * ``DecodeWorker`` (no CPU reserved: decoding and JPEG cost about 1 % of TV-L1) decodes several
-  videos at once (threads), each as a streaming generator. It hands each chunk to a flow actor as
-  soon as it exists, keeps ``FLOW_LOOKAHEAD`` of them in flight per video, and yields the
-  finished chunks in order.
+  videos at once (threads), each as a streaming generator. It hands each chunk to the least
+  loaded flow actor as soon as it exists, keeps ``FLOW_LOOKAHEAD`` of them in flight per video,
+  and yields the finished chunks in order.
 * ``FlowWorker`` (one CPU, or one GPU) holds one flow backend and turns chunks into stored bytes.
 * The driver keeps a bounded window of videos in flight and consumes them in input order; each
   generator stops after a few unconsumed chunks (Ray's generator backpressure), so memory stays
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import uuid
 from collections import deque
 from collections.abc import Iterator
@@ -58,12 +59,31 @@ class DecodeWorker:
         self.config = config
         # Names, not handles: a restarted decoder finds the flow actors again by itself.
         self.flow_workers = [ray.get_actor(name) for name in flow_worker_names]
+        self._pending: dict = {}  # flow task -> (worker index, pixels still to solve)
+        self._lock = threading.Lock()
 
-    def decode(self, spec: VideoSpec, first_worker: int):
+    def _submit(self, chunk: VideoChunk):
+        """Send ``chunk`` to the flow worker with the fewest pixels still to solve: chunks differ
+        in size, so round-robin would leave some workers idle while others queue."""
+        cost = (len(chunk.gray) - 1) * chunk.height * chunk.width
+        with self._lock:
+            if self._pending:
+                done, _ = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=0)
+                for ref in done:
+                    del self._pending[ref]
+            load = [0] * len(self.flow_workers)
+            for worker, pixels in self._pending.values():
+                load[worker] += pixels
+            worker = load.index(min(load))
+            ref = self.flow_workers[worker].flow.remote(chunk)
+            self._pending[ref] = (worker, cost)
+        return ref
+
+    def decode(self, spec: VideoSpec):
         in_flight = deque()
         try:
-            for i, chunk in enumerate(decode_chunks(spec, self.config)):
-                in_flight.append(self.flow_workers[(first_worker + i) % len(self.flow_workers)].flow.remote(chunk))
+            for chunk in decode_chunks(spec, self.config):
+                in_flight.append(self._submit(chunk))
                 if len(in_flight) > FLOW_LOOKAHEAD:
                     yield ray.get(in_flight.popleft())
             while in_flight:
@@ -113,7 +133,7 @@ def ray_video_chunks(
     ``workers`` flow actors (default: every CPU of the cluster), ``decoders`` decode actors
     (default: one per 16 flow actors). Consume each video's chunks before asking for the next.
     Chunk iterators raise :class:`VideoError` for a failed video. Ray is started and the actors
-    created before this returns.
+    are ready before this returns.
     """
     start_ray(address, workers)
     workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -127,6 +147,7 @@ def ray_video_chunks(
         .remote(config, names)
         for _ in range(decoders)
     ]
+    ray.get([actor.__ray_ready__.remote() for actor in flow_workers + decode_workers])  # a backend that cannot start fails here
     log.info("ray: %d flow workers (%s), %d decoders", workers, config.flow_backend, decoders)
     return _in_order(specs, decode_workers, flow_workers, window)
 
@@ -138,7 +159,7 @@ def _in_order(specs, decode_workers, flow_workers, window):
     def submit() -> None:
         for i, spec in todo:
             decoder = decode_workers[i % len(decode_workers)]
-            generator = decoder.decode.options(_generator_backpressure_num_objects=BACKPRESSURE_CHUNKS).remote(spec, i)
+            generator = decoder.decode.options(_generator_backpressure_num_objects=BACKPRESSURE_CHUNKS).remote(spec)
             pending.append((spec, generator))
             return
 

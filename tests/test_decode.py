@@ -416,3 +416,23 @@ def test_image_file_named_mp4(tmp_path):
         assert indices(video.frames(short_side=64)) == [5]
     with pytest.raises(DecodeError, match=r"1 frame\(s\) decoded"):
         list(decode_chunks(VideoSpec("image", str(path)), ExtractConfig(short_side=64, chunk_frames=8)))
+
+
+# ---------------------------------------------------------------------------------------------
+# memory
+
+
+def test_decode_chunks_streams_in_bounded_memory(tmp_path):
+    """A long video is never held whole: peak memory is a few chunks, not the video."""
+    import tracemalloc
+
+    n, h, w = 240, 240, 320
+    path = write_video(tmp_path / "long.mp4", (np.full((h, w, 3), i % 251, np.uint8) for i in range(n)))
+    config = ExtractConfig(short_side=h, chunk_frames=8, rgb_codec="raw")
+    whole_video = n * h * w * 4  # RGB + gray frames
+    tracemalloc.start()
+    frames = sum(len(chunk.rgb) for chunk in decode_chunks(VideoSpec("long", str(path)), config))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert frames == n
+    assert peak < whole_video / 10, f"peak {peak} bytes for a {whole_video}-byte video"

@@ -61,6 +61,15 @@ ARROW_SHARD_SCHEMA = pa.schema(
 )
 
 
+def update_checksum(sha, rgb: list, flow: list) -> None:
+    """Feed a video's frames (in order, from any chunk) to ``sha``: each frame's RGB bytes, then
+    its flow bytes when it has a flow. The index's ``checksum`` is the hex digest of sha256 fed so."""
+    for i, frame in enumerate(rgb):
+        sha.update(frame)
+        if i < len(flow):
+            sha.update(flow[i])
+
+
 def shard_name(number: int, fmt: str) -> str:
     return f"{SHARDS}/shard-{number:05d}{SHARD_SUFFIX[fmt]}"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import h5py
@@ -93,29 +94,52 @@ class ShardReader:
                 raise OSError(f"shard {path} is corrupt or truncated: {e}") from None
         return self._files[shard]
 
-    def _blobs(self, video_id: str, column: str, start: int, stop: int | None, length: int) -> list:
-        stop = length if stop is None else stop
-        if not 0 <= start <= stop <= length:
-            raise IndexError(f"{video_id}: {column} frames [{start}, {stop}) out of range [0, {length})")
+    def blobs(self, video_id: str, column: str, indices: Sequence[int]) -> list:
+        """The stored bytes of frames ``indices`` of ``column`` (``"rgb"`` or ``"flow"``), as buffers
+        (zero-copy views of the memory-mapped file for Arrow)."""
         row = self.meta(video_id)
+        length = row["num_frames"] - (column == "flow")
+        bad = [i for i in indices if not 0 <= i < length]
+        if bad:
+            raise IndexError(f"{video_id}: {column} frame {bad[0]} out of range [0, {length})")
         shard = self._shard(row["shard"])
         if self.format == "hdf5":
-            return list(shard[f"videos/{video_id}/{column}"][start:stop])
+            dataset = shard[f"videos/{video_id}/{column}"]
+            if len(indices) > 1 and list(indices) == list(range(indices[0], indices[-1] + 1)):
+                return list(dataset[indices[0] : indices[-1] + 1])
+            return [dataset[i] for i in indices]
+        columns: dict[int, pa.Array] = {}
         blobs = []
-        first, last = start // self.chunk_frames, (stop - 1) // self.chunk_frames
-        for b in range(first, last + 1) if stop > start else ():
-            batch = shard.get_batch(row["shard_offset"] + b)
-            lo = max(start - b * self.chunk_frames, 0)
-            hi = min(stop - b * self.chunk_frames, batch.num_rows)
-            blobs.extend(batch.column(column).slice(lo, hi - lo).to_pylist())
+        for i in indices:
+            b = i // self.chunk_frames
+            if b not in columns:
+                columns[b] = shard.get_batch(row["shard_offset"] + b).column(column)
+            blobs.append(columns[b][i % self.chunk_frames].as_buffer())
         return blobs
+
+    def _decode(self, video_id: str, column: str, indices: Sequence[int], codec: Codec, channels: int, dtype) -> np.ndarray:
+        row = self.meta(video_id)
+        shape = (row["height"], row["width"], channels)
+        blobs = self.blobs(video_id, column, indices)
+        try:
+            frames = [codec.decode(b, shape, dtype) for b in blobs]
+        except (ValueError, OSError) as e:
+            raise ValueError(f"{self.out / row['shard']}: {video_id} {column}: {e}") from None
+        return np.stack(frames) if frames else np.empty((0, *shape), dtype)
+
+    def _range(self, video_id: str, start: int, stop: int | None, length: int) -> range:
+        stop = length if stop is None else stop
+        if not 0 <= start <= stop <= length:
+            raise IndexError(f"{video_id}: frames [{start}, {stop}) out of range [0, {length})")
+        return range(start, stop)
 
     def rgb(self, video_id: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """RGB frames ``[start, stop)`` as ``[T, H, W, 3] uint8``."""
-        row = self.meta(video_id)
-        shape = (row["height"], row["width"], 3)
-        blobs = self._blobs(video_id, "rgb", start, stop, row["num_frames"])
-        return _stack([self._rgb_codec.decode(b, shape) for b in blobs], shape, np.uint8)
+        return self.rgb_at(video_id, self._range(video_id, start, stop, self.meta(video_id)["num_frames"]))
+
+    def rgb_at(self, video_id: str, indices: Sequence[int]) -> np.ndarray:
+        """RGB frames at ``indices`` (any order, repeats allowed) as ``[T, H, W, 3] uint8``."""
+        return self._decode(video_id, "rgb", indices, self._rgb_codec, 3, np.uint8)
 
     def flow(self, video_id: str, start: int = 0, stop: int | None = None, raw: bool = False) -> np.ndarray:
         """Flows ``[start, stop)`` (flow t: frame t to t + 1) as ``[T, H, W, 2] float32`` pixels.
@@ -123,15 +147,21 @@ class ShardReader:
         ``raw=True`` returns the stored values instead: uint8 ``q`` (pixels = ``q * 2b / 255 - b``)
         or float16.
         """
-        row = self.meta(video_id)
-        shape = (row["height"], row["width"], 2)
-        blobs = self._blobs(video_id, "flow", start, stop, row["num_frames"] - 1)
-        stored = _stack([self._flow_codec.decode(b, shape, self.flow_dtype) for b in blobs], shape, self.flow_dtype)
+        return self.flow_at(video_id, self._range(video_id, start, stop, self.meta(video_id)["num_frames"] - 1), raw)
+
+    def flow_at(self, video_id: str, indices: Sequence[int], raw: bool = False) -> np.ndarray:
+        """Flows at ``indices`` as ``[T, H, W, 2]``: float32 pixels, or the stored values with ``raw``."""
+        stored = self._decode(video_id, "flow", indices, self._flow_codec, 2, self.flow_dtype)
         if raw:
             return stored
         if self.flow_dtype == np.uint8:
             return dequantize_flow(stored, self.flow_bound)
         return stored.astype(np.float32)
+
+    def __getstate__(self) -> dict:
+        # Open files stay with the process that opened them; a pickled reader (DataLoader with
+        # spawn) opens its own.
+        return {**self.__dict__, "_files": {}}
 
     def close(self) -> None:
         for f in self._files.values():
@@ -145,6 +175,3 @@ class ShardReader:
     def __exit__(self, *exc) -> None:
         self.close()
 
-
-def _stack(frames: list[np.ndarray], shape: tuple[int, ...], dtype) -> np.ndarray:
-    return np.stack(frames) if frames else np.empty((0, *shape), dtype)

@@ -24,6 +24,7 @@ from flowprep.shards.layout import (
     SHARDS,
     index_part_path,
     shard_name,
+    update_checksum,
     write_table,
 )
 
@@ -144,10 +145,7 @@ class ShardWriter:
         if chunk.start != video["num_frames"]:
             raise ValueError(f"{video['video_id']}: chunk starts at frame {chunk.start}, expected {video['num_frames']}")
         self._file.add(video["video_id"], chunk)
-        for i, rgb in enumerate(chunk.rgb):
-            video["_sha"].update(rgb)
-            if i < len(chunk.flow):
-                video["_sha"].update(chunk.flow[i])
+        update_checksum(video["_sha"], chunk.rgb, chunk.flow)
         size = sum(map(len, chunk.rgb)) + sum(map(len, chunk.flow))
         video["bytes"] += size
         video["num_frames"] += len(chunk.rgb)

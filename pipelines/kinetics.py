@@ -1,0 +1,54 @@
+"""Ray cluster job: extract every split of a Kinetics download with one label map.
+
+Expects the layout of the official download scripts::
+
+    <root>/annotations/train.csv   val.csv   test.csv   (label,youtube_id,time_start,time_end,split)
+    <root>/train/*.mp4   <root>/val/*.mp4   <root>/test/*.mp4
+
+and writes ``<out>/<split>/`` per split plus ``<out>/labels.txt`` (sorted classes of train.csv),
+so that label indices agree across splits. Submit it to a cluster with::
+
+    ray job submit --address http://<head>:8265 --working-dir . -- \\
+        python pipelines/kinetics.py --root /data/kinetics400 --out /data/k400-flow
+
+Rerunning the same command resumes every split. Extra ``flowprep extract`` options can follow
+``--`` (e.g. ``-- --format hdf5 --short-side 256``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from flowprep.cli import main as flowprep_main
+from flowprep.sources import build_label_map, read_annotations
+
+
+@click.command(context_settings={"ignore_unknown_options": True})
+@click.option("--root", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--splits", default="train,val,test", show_default=True)
+@click.option("--ray-address", default="auto", show_default=True)
+@click.argument("extract_args", nargs=-1, type=click.UNPROCESSED)
+def run(root: Path, out: Path, splits: str, ray_address: str, extract_args: tuple[str, ...]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    labels = out / "labels.txt"
+    if not labels.exists():
+        rows = read_annotations(root / "annotations" / "train.csv")
+        labels.write_text("".join(f"{name}\n" for name in build_label_map(r.get("label") for r in rows)))
+    status = 0
+    for split in splits.split(","):
+        args = ["extract", "--src", str(root / split), "--out", str(out / split), "--annotations",
+                str(root / "annotations" / f"{split}.csv"), "--labels", str(labels), "--ray-address", ray_address, *extract_args]
+        click.echo(f"flowprep {' '.join(args)}")
+        try:
+            flowprep_main(args, standalone_mode=False)
+        except SystemExit as e:  # a split over its failure allowance: go on with the others
+            status = max(status, e.code or 0)
+    sys.exit(status)
+
+
+if __name__ == "__main__":
+    run()

@@ -67,7 +67,7 @@ def extract_options(f):
         click.option("--flow-codec", default="zstd:3", show_default=True, help="Flow frame codec: zstd:L, png:L, jpeg:Q or raw."),
         click.option("--format", "fmt", default="arrow", show_default=True, type=click.Choice(["arrow", "hdf5"]), help="Shard file format."),
         click.option("--shard-size", default="1GiB", show_default=True, callback=lambda ctx, p, v: parse_size(v), help="Close a shard once it holds this many bytes (videos are never split)."),
-        click.option("--chunk-frames", default=32, show_default=True, type=click.IntRange(min=1), help="Frames per stored batch and per flow task."),
+        click.option("--chunk-frames", default=8, show_default=True, type=click.IntRange(min=1), help="Frames per stored batch and per flow task."),
         click.option("--workers", type=click.IntRange(min=0), help="Flow workers (default: every CPU of the Ray cluster; 0: no Ray, this process only)."),
         click.option("--decoders", type=click.IntRange(min=1), help="Decode workers (default: one per 16 flow workers)."),
         click.option("--ray-address", envvar="RAY_ADDRESS", help="Ray cluster to use, e.g. auto (default: $RAY_ADDRESS, else a local Ray)."),
@@ -163,6 +163,61 @@ def info(out, as_json):
     click.echo(f"splits:  {summary['videos_per_split']}")
     click.echo(f"frames:  {p['fps']} fps, short side {p['short_side']}, rgb {p['rgb_codec']}")
     click.echo(f"flow:    {p['flow_backend']} {p['flow_params']}, ±{p['flow_bound']} px as {p['flow_dtype']} ({p['flow_codec']})")
+
+
+@main.command()
+@click.argument("out", type=click.Path(exists=True, file_okay=False))
+@click.option("--sample-frames", default=3, show_default=True, type=click.IntRange(min=1), help="Frames decoded per video.")
+def verify(out, sample_frames):
+    """Check every shard against the index checksums and decode a sample of frames.
+
+    Exit status 0 when all is whole, 1 with the list of problems otherwise.
+    """
+    from flowprep.shards.verify import verify as verify_output
+
+    try:
+        problems = verify_output(out, sample_frames)
+    except (FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    for problem in problems:
+        click.echo(problem)
+    if problems:
+        click.echo(f"{len(problems)} problem(s) in {out}", err=True)
+        sys.exit(1)
+    click.echo(f"{out}: {len(ShardReader(out))} videos verified, no problem")
+
+
+@main.command()
+@click.argument("out", type=click.Path(exists=True, file_okay=False))
+@click.argument("video_id")
+@click.option("--out", "dest", required=True, type=click.Path(dir_okay=False), help="FILE.png (one frame) or FILE.mp4 (every flow).")
+@click.option("--frame", type=click.IntRange(min=0), help="Frame for a PNG (default: the middle one).")
+@click.option("--scale", type=click.FloatRange(min=0, min_open=True), help="Flow magnitude in pixels shown in full colour (default: the video's 99th percentile).")
+def show(out, video_id, dest, frame, scale):
+    """Write RGB beside its flow in the Middlebury colour wheel, frame index and flow scale marked."""
+    from flowprep.visualize import show as show_video
+
+    try:
+        path = show_video(out, video_id, dest, frame, scale)
+    except (KeyError, IndexError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.argument("out", type=click.Path(exists=True, file_okay=False))
+@click.argument("dest", type=click.Path(file_okay=False))
+@click.option("--layout", default="rawframes", show_default=True, type=click.Choice(["rawframes"]), help="Target layout.")
+@click.option("--quality", default=95, show_default=True, type=click.IntRange(1, 100), help="JPEG quality.")
+def export(out, dest, layout, quality):
+    """Export to the mmaction2/denseflow rawframes layout (img_/flow_x_/flow_y_ JPEGs and file lists)."""
+    from flowprep.export import export_rawframes
+
+    try:
+        counts = export_rawframes(out, dest, quality)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"wrote {sum(counts.values())} videos to {dest} ({', '.join(f'{k}: {v}' for k, v in counts.items())})")
 
 
 @main.command()

@@ -1,0 +1,178 @@
+"""ClipDataset throughput against a rawframes JPEG folder (mmaction2's way) and on-the-fly decoding.
+
+In one run, 64-frame 224x224 training clips (random start, crop and flip) from the same videos
+(bikes.mp4, bigbuckbunny.mp4, carphone at short side 256):
+
+* flowprep ClipDataset over Arrow and HDF5 shards, rgb-only and rgb+flow;
+* (a) the same clips from the exported rawframes folder, read with cv2.imread (mmaction2's
+  RawframeDataset path), rgb-only and rgb+flow;
+* (b) rgb decoded from the source mp4 with PyAV on the fly (seek, decode, resize, crop).
+
+each with DataLoader num_workers 0 and 2. Run:
+
+    python benchmarks/reader.py [--clips 24] [--json benchmarks/results/reader.json]
+
+The shards are made with a cheap TV-L1 setting (1 scale, 1 warp) so that the set-up takes seconds;
+the stored sizes are those of real flow, which is what reading costs depend on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from flowprep import ClipDataset, ShardReader
+from flowprep.decode import resize_short_side
+from flowprep.export import export_rawframes
+from flowprep.extract import extract
+from flowprep.pipeline import ExtractConfig
+from flowprep.samples import sample_clip
+
+CLIPS = {"riding_bike/bikes.mp4": "bikes.mp4", "cartoon/bigbuckbunny.mp4": "bigbuckbunny.mp4", "phoning/carphone.mp4": "carphone_pristine.mp4"}
+CHEAP_TVL1 = {"nscales": 1, "warps": 1, "outer_iterations": 1, "inner_iterations": 5, "median_filtering": 1}
+T, CROP = 64, 224
+
+
+class _Clips(Dataset):
+    """Random (video, start, crop, flip) per item, as ClipDataset draws them; subclasses read frames."""
+
+    def __init__(self, reader: ShardReader, with_flow: bool, seed: int = 0):
+        self.videos = reader.video_ids
+        self.meta = {v: reader.meta(v) for v in self.videos}
+        self.with_flow, self.seed = with_flow, seed
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    def draw(self, index: int) -> tuple[str, int, int, int, bool]:
+        rng = np.random.default_rng([self.seed, index])
+        video = self.videos[index % len(self.videos)]
+        meta = self.meta[video]
+        start = int(rng.integers(0, meta["num_frames"] - 1 - T + 1))
+        y, x = int(rng.integers(0, meta["height"] - CROP + 1)), int(rng.integers(0, meta["width"] - CROP + 1))
+        return video, start, y, x, bool(rng.integers(0, 2))
+
+    def finish(self, rgb: np.ndarray, flow: np.ndarray | None, flip: bool) -> dict:
+        if flip:
+            rgb = rgb[:, :, ::-1]
+        item = {"rgb": torch.from_numpy(np.ascontiguousarray(rgb.transpose(3, 0, 1, 2)).astype(np.float32) / 127.5 - 1)}
+        if flow is not None:
+            if flip:
+                flow = flow[:, :, ::-1] * np.array([-1, 1], np.float32)
+            item["flow"] = torch.from_numpy(np.ascontiguousarray(flow.transpose(3, 0, 1, 2)))
+        return item
+
+
+class RawframesClips(_Clips):
+    """mmaction2's RawframeDataset path: one cv2.imread per frame (and two per flow)."""
+
+    def __init__(self, reader, with_flow, root: Path):
+        super().__init__(reader, with_flow)
+        self.root = root
+
+    def __getitem__(self, index: int) -> dict:
+        video, start, y, x, flip = self.draw(index)
+        folder = self.root / video
+        crop = (slice(y, y + CROP), slice(x, x + CROP))
+        rgb = np.stack([cv2.cvtColor(cv2.imread(str(folder / f"img_{i + 1:05d}.jpg")), cv2.COLOR_BGR2RGB)[crop] for i in range(start, start + T)])
+        flow = None
+        if self.with_flow:
+            flow = np.stack([np.stack([cv2.imread(str(folder / f"flow_{c}_{i + 1:05d}.jpg"), cv2.IMREAD_GRAYSCALE)[crop] for c in "xy"], -1)
+                             for i in range(start, start + T)]).astype(np.float32) / 127.5 - 1
+        return self.finish(rgb, flow, flip)
+
+
+class DecodeClips(_Clips):
+    """RGB decoded from the source video on the fly: seek to the clip, decode, resize, crop."""
+
+    def __init__(self, reader, sources: dict[str, str]):
+        super().__init__(reader, with_flow=False)
+        self.sources = sources
+
+    def __getitem__(self, index: int) -> dict:
+        video, start, y, x, flip = self.draw(index)
+        frames = []
+        with av.open(self.sources[video]) as container:
+            stream = container.streams.video[0]
+            container.seek(int(start / 25 / stream.time_base), stream=stream, backward=True)
+            for frame in container.decode(stream):
+                if frame.time is not None and frame.time + 1e-6 < start / 25:
+                    continue
+                frames.append(resize_short_side(frame.to_ndarray(format="rgb24"), 256)[y : y + CROP, x : x + CROP])
+                if len(frames) == T:
+                    break
+        return self.finish(np.stack(frames), None, flip)
+
+
+def measure(dataset: Dataset, clips: int, workers: int, repeat: int = 3) -> float:
+    """Median clips/s over ``repeat`` passes of ``clips`` items (after one warm-up item per worker)."""
+    times = []
+    for _ in range(repeat):
+        loader = DataLoader(dataset, batch_size=None, sampler=list(range(clips)), num_workers=workers)
+        t0 = time.perf_counter()
+        for _ in loader:
+            pass
+        times.append(time.perf_counter() - t0)
+    return clips / statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clips", type=int, default=24)
+    parser.add_argument("--json", default="benchmarks/results/reader.json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+
+    work = Path(tempfile.mkdtemp(prefix="flowprep-reader-"))
+    src = work / "src"
+    sources = {}
+    for target, name in CLIPS.items():
+        (src / target).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(sample_clip(name), src / target)
+        sources[Path(target).stem] = str(src / target)
+    for fmt in ("arrow", "hdf5"):
+        extract(src, work / fmt, ExtractConfig(format=fmt, flow_params=CHEAP_TVL1), workers=0, progress=False)
+    export_rawframes(work / "arrow", work / "rawframes")
+    reader = ShardReader(work / "arrow")
+    frame_bytes = {v: reader.meta(v)["bytes"] / reader.meta(v)["num_frames"] for v in reader.video_ids}
+    mean_frame = statistics.mean(frame_bytes.values())  # stored RGB + flow bytes per frame
+
+    rows = []
+    for with_flow in (False, True):
+        modalities = ("rgb", "flow") if with_flow else ("rgb",)
+        candidates = {f"flowprep arrow": ClipDataset(work / "arrow", modalities, clip_len=T, crop=CROP),
+                      f"flowprep hdf5": ClipDataset(work / "hdf5", modalities, clip_len=T, crop=CROP),
+                      "(a) rawframes cv2.imread": RawframesClips(reader, with_flow, work / "rawframes" / "rawframes")}
+        if not with_flow:
+            candidates["(b) PyAV decode on the fly"] = DecodeClips(reader, sources)
+        for workers in (0, 2):
+            results = {name: measure(ds, args.clips, workers) for name, ds in candidates.items()}
+            base = results["(a) rawframes cv2.imread"]
+            for name, rate in results.items():
+                rows.append({"modalities": "+".join(modalities), "workers": workers, "reader": name, "clips_per_s": rate,
+                             "ratio_to_rawframes": rate / base, "stored_MB_per_s": rate * T * mean_frame / 1e6})
+    print(f"{'modalities':10} {'workers':>7}  {'reader':28} {'clips/s':>8} {'x rawframes':>11} {'stored MB/s':>11}")
+    for r in rows:
+        print(f"{r['modalities']:10} {r['workers']:7}  {r['reader']:28} {r['clips_per_s']:8.2f} {r['ratio_to_rawframes']:11.2f} {r['stored_MB_per_s']:11.1f}")
+    result = {"clip_len": T, "crop": CROP, "clips": args.clips, "cores": os.cpu_count(), "stored_bytes_per_frame": mean_frame, "rows": rows}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.json}")
+    shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()

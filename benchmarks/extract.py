@@ -33,10 +33,8 @@ from flowprep.decode import SourceInfo, VideoDecoder
 from flowprep.extract import extract
 from flowprep.flow.opencv import TVL1_DEFAULTS
 from flowprep.pipeline import ExtractConfig, VideoChunk
-from flowprep.samples import sample_clip
+from flowprep.samples import make_sample_folder
 from flowprep.shards import ShardWriter
-
-CLIPS = {"riding_bike/bikes.mp4": "bikes.mp4", "cartoon/bigbuckbunny.mp4": "bigbuckbunny.mp4", "phoning/carphone.mp4": "carphone_pristine.mp4"}
 
 _solver = None
 
@@ -111,13 +109,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="flowprep-bench-"))
     src = work / "src"
-    targets = []
-    for copy in range(args.copies):
-        for target, name in CLIPS.items():
-            path = src / target.replace(".mp4", f"_{copy}.mp4")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(sample_clip(name), path)
-            targets.append(path)
+    targets = make_sample_folder(src, args.copies)
     pairs = []
     for path in targets:
         with VideoDecoder(str(path)) as video:

@@ -38,9 +38,8 @@ from flowprep.decode import resize_short_side
 from flowprep.export import export_rawframes
 from flowprep.extract import extract
 from flowprep.pipeline import ExtractConfig
-from flowprep.samples import sample_clip
+from flowprep.samples import make_sample_folder
 
-CLIPS = {"riding_bike/bikes.mp4": "bikes.mp4", "cartoon/bigbuckbunny.mp4": "bigbuckbunny.mp4", "phoning/carphone.mp4": "carphone_pristine.mp4"}
 CHEAP_TVL1 = {"nscales": 1, "warps": 1, "outer_iterations": 1, "inner_iterations": 5, "median_filtering": 1}
 T, CROP = 64, 224
 
@@ -138,11 +137,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="flowprep-reader-"))
     src = work / "src"
-    sources = {}
-    for target, name in CLIPS.items():
-        (src / target).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(sample_clip(name), src / target)
-        sources[Path(target).stem] = str(src / target)
+    sources = {path.stem: str(path) for path in make_sample_folder(src)}
     for fmt in ("arrow", "hdf5"):
         extract(src, work / fmt, ExtractConfig(format=fmt, flow_params=CHEAP_TVL1), workers=0, progress=False)
     export_rawframes(work / "arrow", work / "rawframes")
@@ -153,8 +148,8 @@ def main() -> None:
     rows = []
     for with_flow in (False, True):
         modalities = ("rgb", "flow") if with_flow else ("rgb",)
-        candidates = {f"flowprep arrow": ClipDataset(work / "arrow", modalities, clip_len=T, crop=CROP),
-                      f"flowprep hdf5": ClipDataset(work / "hdf5", modalities, clip_len=T, crop=CROP),
+        candidates = {"flowprep arrow": ClipDataset(work / "arrow", modalities, clip_len=T, crop=CROP),
+                      "flowprep hdf5": ClipDataset(work / "hdf5", modalities, clip_len=T, crop=CROP),
                       "(a) rawframes cv2.imread": RawframesClips(reader, with_flow, work / "rawframes" / "rawframes")}
         if not with_flow:
             candidates["(b) PyAV decode on the fly"] = DecodeClips(reader, sources)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -225,15 +224,11 @@ def export(out, dest, layout, quality):
 @click.option("--workers", type=click.IntRange(min=0), help="Flow workers (default: every CPU).")
 def demo(out, workers):
     """Build a small Kinetics-style folder from real sample clips, extract it, read a clip back."""
-    from flowprep.samples import sample_clip
+    from flowprep.samples import make_sample_folder
 
-    layout = {"train/riding_bike/bikes.mp4": "bikes.mp4", "train/cartoon/bigbuckbunny.mp4": "bigbuckbunny.mp4",
-              "val/phoning/carphone.mp4": "carphone_pristine.mp4"}
     with tempfile.TemporaryDirectory(prefix="flowprep-demo-") as src:
-        for target, name in layout.items():
-            (Path(src) / target).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(sample_clip(name), Path(src) / target)
-        click.echo(f"source: {len(layout)} sample videos in {src}")
+        videos = make_sample_folder(src)
+        click.echo(f"source: {len(videos)} sample videos in {src}")
         config = ExtractConfig(short_side=96, max_frames=16, shard_size=256 * 1024, chunk_frames=8)
         report = extract(src, out, config, overwrite=True, workers=workers)
     print_summary(report, Path(out))

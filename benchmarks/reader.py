@@ -3,7 +3,9 @@
 In one run, 64-frame 224x224 training clips (random start, crop and flip) from the same videos
 (bikes.mp4, bigbuckbunny.mp4, carphone at short side 256):
 
-* flowprep ClipDataset over Arrow and HDF5 shards, rgb-only and rgb+flow;
+* flowprep ClipDataset over Arrow and HDF5 shards, rgb-only and rgb+flow; also with uint8 output
+  (``normalize=False``, normalized later on the GPU) and over Arrow shards of raw RGB
+  (``--rgb-codec raw``: no JPEG to decode, 22x the bytes);
 * (a) the same clips from the exported rawframes folder, read with cv2.imread (mmaction2's
   RawframeDataset path), rgb-only and rgb+flow;
 * (b) rgb decoded from the source mp4 with PyAV on the fly (seek, decode, resize, crop).
@@ -11,6 +13,8 @@ In one run, 64-frame 224x224 training clips (random start, crop and flip) from t
 each with DataLoader num_workers 0 and 2. Run:
 
     python benchmarks/reader.py [--clips 24] [--json benchmarks/results/reader.json]
+
+pixel MB/s counts the clip's pixels as uint8 (T x 224 x 224 x 3, + 2 channels of flow).
 
 The shards are made with a cheap TV-L1 setting (1 scale, 1 warp) so that the set-up takes seconds;
 the stored sizes are those of real flow, which is what reading costs depend on.
@@ -55,9 +59,10 @@ class _Clips(Dataset):
     def __len__(self) -> int:
         return len(self.videos)
 
-    def draw(self, index: int) -> tuple[str, int, int, int, bool]:
-        rng = np.random.default_rng([self.seed, index])
-        video = self.videos[index % len(self.videos)]
+    def draw(self, key: tuple[int, int]) -> tuple[str, int, int, int, bool]:
+        index, epoch = key
+        rng = np.random.default_rng([self.seed, epoch, index])
+        video = self.videos[index]
         meta = self.meta[video]
         start = int(rng.integers(0, meta["num_frames"] - 1 - T + 1))
         y, x = int(rng.integers(0, meta["height"] - CROP + 1)), int(rng.integers(0, meta["width"] - CROP + 1))
@@ -81,8 +86,8 @@ class RawframesClips(_Clips):
         super().__init__(reader, with_flow)
         self.root = root
 
-    def __getitem__(self, index: int) -> dict:
-        video, start, y, x, flip = self.draw(index)
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        video, start, y, x, flip = self.draw(key)
         folder = self.root / video
         crop = (slice(y, y + CROP), slice(x, x + CROP))
         rgb = np.stack([cv2.cvtColor(cv2.imread(str(folder / f"img_{i + 1:05d}.jpg")), cv2.COLOR_BGR2RGB)[crop] for i in range(start, start + T)])
@@ -100,8 +105,8 @@ class DecodeClips(_Clips):
         super().__init__(reader, with_flow=False)
         self.sources = sources
 
-    def __getitem__(self, index: int) -> dict:
-        video, start, y, x, flip = self.draw(index)
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        video, start, y, x, flip = self.draw(key)
         frames = []
         with av.open(self.sources[video]) as container:
             stream = container.streams.video[0]
@@ -116,10 +121,11 @@ class DecodeClips(_Clips):
 
 
 def measure(dataset: Dataset, clips: int, workers: int, repeat: int = 3) -> float:
-    """Median clips/s over ``repeat`` passes of ``clips`` items (after one warm-up item per worker)."""
+    """Median clips/s over ``repeat`` passes of ``clips`` items; item k is a fresh random clip of video k mod n."""
+    keys = [(k % len(dataset), k) for k in range(clips)]  # (index, epoch): ClipDataset's key
     times = []
     for _ in range(repeat):
-        loader = DataLoader(dataset, batch_size=None, sampler=list(range(clips)), num_workers=workers)
+        loader = DataLoader(dataset, batch_size=None, sampler=keys, num_workers=workers)
         t0 = time.perf_counter()
         for _ in loader:
             pass
@@ -138,18 +144,20 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="flowprep-reader-"))
     src = work / "src"
     sources = {path.stem: str(path) for path in make_sample_folder(src)}
-    for fmt in ("arrow", "hdf5"):
-        extract(src, work / fmt, ExtractConfig(format=fmt, flow_params=CHEAP_TVL1), workers=0, progress=False)
+    for name, options in {"arrow": {}, "hdf5": {"format": "hdf5"}, "arrow-raw": {"rgb_codec": "raw"}}.items():
+        extract(src, work / name, ExtractConfig(flow_params=CHEAP_TVL1, **options), workers=0, progress=False)
     export_rawframes(work / "arrow", work / "rawframes")
     reader = ShardReader(work / "arrow")
-    frame_bytes = {v: reader.meta(v)["bytes"] / reader.meta(v)["num_frames"] for v in reader.video_ids}
-    mean_frame = statistics.mean(frame_bytes.values())  # stored RGB + flow bytes per frame
+    stored = {name: sum(ShardReader(work / name).meta(v)["bytes"] for v in reader.video_ids)
+              / sum(reader.meta(v)["num_frames"] for v in reader.video_ids) for name in ("arrow", "arrow-raw")}
 
     rows = []
     for with_flow in (False, True):
         modalities = ("rgb", "flow") if with_flow else ("rgb",)
         candidates = {"flowprep arrow": ClipDataset(work / "arrow", modalities, clip_len=T, crop=CROP),
                       "flowprep hdf5": ClipDataset(work / "hdf5", modalities, clip_len=T, crop=CROP),
+                      "flowprep arrow, uint8 out": ClipDataset(work / "arrow", modalities, clip_len=T, crop=CROP, normalize=False),
+                      "flowprep arrow, raw RGB": ClipDataset(work / "arrow-raw", modalities, clip_len=T, crop=CROP),
                       "(a) rawframes cv2.imread": RawframesClips(reader, with_flow, work / "rawframes" / "rawframes")}
         if not with_flow:
             candidates["(b) PyAV decode on the fly"] = DecodeClips(reader, sources)
@@ -158,11 +166,11 @@ def main() -> None:
             base = results["(a) rawframes cv2.imread"]
             for name, rate in results.items():
                 rows.append({"modalities": "+".join(modalities), "workers": workers, "reader": name, "clips_per_s": rate,
-                             "ratio_to_rawframes": rate / base, "stored_MB_per_s": rate * T * mean_frame / 1e6})
-    print(f"{'modalities':10} {'workers':>7}  {'reader':28} {'clips/s':>8} {'x rawframes':>11} {'stored MB/s':>11}")
+                             "ratio_to_rawframes": rate / base, "pixel_MB_per_s": rate * T * CROP * CROP * (5 if with_flow else 3) / 1e6})
+    print(f"{'modalities':10} {'workers':>7}  {'reader':30} {'clips/s':>8} {'x rawframes':>11} {'pixel MB/s':>10}")
     for r in rows:
-        print(f"{r['modalities']:10} {r['workers']:7}  {r['reader']:28} {r['clips_per_s']:8.2f} {r['ratio_to_rawframes']:11.2f} {r['stored_MB_per_s']:11.1f}")
-    result = {"clip_len": T, "crop": CROP, "clips": args.clips, "cores": os.cpu_count(), "stored_bytes_per_frame": mean_frame, "rows": rows}
+        print(f"{r['modalities']:10} {r['workers']:7}  {r['reader']:30} {r['clips_per_s']:8.2f} {r['ratio_to_rawframes']:11.2f} {r['pixel_MB_per_s']:10.1f}")
+    result = {"clip_len": T, "crop": CROP, "clips": args.clips, "cores": os.cpu_count(), "stored_bytes_per_frame": stored, "rows": rows}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.json}")

@@ -68,6 +68,9 @@ class ClipDataset(Dataset):
         split: only videos of this split (``None``: all).
         num_clips: evaluation clips per video, spread uniformly (1: the centre clip).
         normalization: ``(mean, std)`` of RGB on the [0, 1] scale; default: I3D's [-1, 1].
+        normalize: ``False`` returns uint8 tensors (RGB 0-255, flow ``q``, flipped flow x as
+            ``255 - q``) to be normalized on the GPU: a quarter of the bytes through the
+            DataLoader's shared memory (uint8 flow shards only).
 
     Items are dicts: ``rgb`` float32 ``[3, T, crop, crop]``, ``flow`` float32 ``[2, T, crop, crop]``
     in [-1, 1] (``q / 127.5 - 1``, x then y; float16 shards: pixels / bound), ``label`` (int,
@@ -87,6 +90,7 @@ class ClipDataset(Dataset):
         split: str | None = None,
         num_clips: int = 1,
         normalization: tuple[Sequence[float], Sequence[float]] = I3D_NORMALIZATION,
+        normalize: bool = True,
     ):
         if not modalities or set(modalities) - {"rgb", "flow"}:
             raise ValueError(f"modalities must be rgb and/or flow, not {modalities}")
@@ -97,14 +101,25 @@ class ClipDataset(Dataset):
         cv2.setNumThreads(1)
         folders = [shards] if isinstance(shards, (str, Path)) else list(shards)
         self.readers = [ShardReader(f) for f in folders]
+        if not normalize and "flow" in modalities and any(r.flow_dtype != np.uint8 for r in self.readers):
+            raise ValueError("normalize=False returns stored uint8 flow: these shards hold float16 flow")
         self.modalities = tuple(modalities)
         self.clip_len, self.frame_stride, self.crop = clip_len, frame_stride, crop
         self.train, self.flip, self.seed = train, flip, seed
         self.num_clips = 1 if train else num_clips
-        mean, std = normalization
-        # x * scale + shift on the 0-255 scale, per channel
-        self._scale = (1 / (255 * np.asarray(std, np.float32))).reshape(3, 1, 1, 1)
-        self._shift = (-np.asarray(mean, np.float32) / np.asarray(std, np.float32)).reshape(3, 1, 1, 1)
+        self.normalize = normalize
+        # Lookup tables, one per channel, from stored uint8 to the returned value: one pass over
+        # the clip. RGB: (v / 255 - mean) / std; flow: q / 127.5 - 1, negated for x when flipped.
+        # Unnormalized: v, q, and 255 - q for flipped x.
+        levels = np.arange(256)
+        if normalize:
+            mean, std = (np.asarray(v).reshape(3, 1) for v in normalization)
+            self._rgb_lut = ((levels / 255 - mean) / std).astype(np.float32)
+            flow = (levels / 127.5 - 1).astype(np.float32)
+            self._flow_luts = {False: np.stack([flow, flow]), True: np.stack([-flow, flow])}
+        else:
+            self._rgb_lut = np.tile(levels, (3, 1)).astype(np.uint8)
+            self._flow_luts = {False: np.stack([levels, levels]).astype(np.uint8), True: np.stack([255 - levels, levels]).astype(np.uint8)}
         self.epoch = 0
         self.videos: list[tuple[int, str]] = []
         for r, reader in enumerate(self.readers):
@@ -161,24 +176,29 @@ class ClipDataset(Dataset):
             flip = self.flip and bool(rng.integers(0, 2))
         else:
             y, x, flip = (h - self.crop) // 2, (w - self.crop) // 2, False
-        window = (slice(None), slice(y, y + self.crop), slice(x, x + self.crop))
+        window = (slice(y, y + self.crop), slice(x, x + self.crop))
         item = {"label": meta["label_index"], "video_id": video_id, "start": start, "flip": flip}
         if "rgb" in self.modalities:
-            rgb = reader.rgb_at(video_id, frames)[window]  # [T, crop, crop, 3] uint8
-            if flip:
-                rgb = rgb[:, :, ::-1]
-            rgb = rgb.transpose(3, 0, 1, 2).astype(np.float32) * self._scale + self._shift
-            item["rgb"] = torch.from_numpy(np.ascontiguousarray(rgb))
+            rgb = reader.rgb_at(video_id, frames, window)  # [T, crop, crop, 3] uint8
+            item["rgb"] = self._planar(rgb[:, :, ::-1] if flip else rgb, self._rgb_lut)
         if "flow" in self.modalities:
-            stored = reader.flow_at(video_id, frames, raw=True)[window]  # [T, crop, crop, 2]
-            if stored.dtype == np.uint8:
-                flow = stored.astype(np.float32) / 127.5 - 1
-            else:
-                flow = np.clip(stored.astype(np.float32) / reader.flow_bound, -1, 1)
+            stored = reader.flow_at(video_id, frames, raw=True, window=window)  # [T, crop, crop, 2]
             if flip:
-                flow = flow[:, :, ::-1] * np.array([-1, 1], np.float32)
-            item["flow"] = torch.from_numpy(np.ascontiguousarray(flow.transpose(3, 0, 1, 2)))
+                stored = stored[:, :, ::-1]
+            if stored.dtype == np.uint8:
+                item["flow"] = self._planar(stored, self._flow_luts[flip])
+            else:  # float16 shards: pixels / bound
+                flow = np.clip(stored.astype(np.float32) / reader.flow_bound, -1, 1) * (np.float32([-1, 1]) if flip else 1)
+                item["flow"] = torch.from_numpy(np.ascontiguousarray(flow.transpose(3, 0, 1, 2)))
         return item
+
+    def _planar(self, frames: np.ndarray, lut: np.ndarray) -> torch.Tensor:
+        """``[T, H, W, C] uint8`` to a ``[C, T, H, W]`` tensor through per-channel lookup tables."""
+        planar = np.ascontiguousarray(frames.transpose(3, 0, 1, 2))
+        out = np.empty(planar.shape, lut.dtype)
+        for c in range(planar.shape[0]):
+            np.take(lut[c], planar[c], out=out[c])
+        return torch.from_numpy(out)
 
 
 class ClipSampler(Sampler):

@@ -65,6 +65,19 @@ def test_rgb_values_follow_the_normalization(shards):
     torch.testing.assert_close(b, (pixels - mean) / std, atol=1e-4, rtol=1e-4)
 
 
+def test_unnormalized_items_are_the_stored_uint8(shards):
+    floats, raw = dataset(shards, flip=True), dataset(shards, flip=True, normalize=False)
+    flips = set()
+    for k in range(12):
+        a, b = floats[(k % 4, k)], raw[(k % 4, k)]
+        assert b["rgb"].dtype == b["flow"].dtype == torch.uint8 and a["flip"] == b["flip"]
+        flips.add(b["flip"])
+        torch.testing.assert_close(b["rgb"].float() / 127.5 - 1, a["rgb"], atol=1e-6, rtol=0)
+        # flipped x comes as 255 - q, whose q / 127.5 - 1 is exactly the negated flow
+        torch.testing.assert_close(b["flow"].float() / 127.5 - 1, a["flow"], atol=1e-6, rtol=0)
+    assert flips == {True, False}
+
+
 def test_flip_mirrors_rgb_and_negates_flow_x(shards):
     plain, flipping = dataset(shards, flip=False), dataset(shards, flip=True)
     flipped = [k for k in range(12) if flipping[(k % 4, k)]["flip"]]

@@ -157,3 +157,11 @@ def test_killed_run_resumes_to_the_same_output(tmp_path):
     assert sorted(index.column("video_id").to_pylist()) == [f"pan{v}" for v in range(6)]
     assert index.equals(pq.read_table(reference / "index.parquet"))
     shutil.rmtree(out)
+
+
+@pytest.mark.ray
+def test_demo_extracts_the_sample_clips_and_reads_one_back(tmp_path):
+    out = tmp_path / "demo"
+    result = flowprep("demo", "--out", out, "--workers", 2)
+    assert "3 written, 0 failed" in result.stdout and "read back" in result.stdout
+    assert sorted(ShardReader(out).video_ids) == ["bigbuckbunny", "bikes", "carphone"]

@@ -117,15 +117,20 @@ class ShardReader:
             blobs.append(columns[b][i % self.chunk_frames].as_buffer())
         return blobs
 
-    def _decode(self, video_id: str, column: str, indices: Sequence[int], codec: Codec, channels: int, dtype) -> np.ndarray:
+    def _decode(self, video_id: str, column: str, indices: Sequence[int], codec: Codec, channels: int, dtype,
+                window: tuple[slice, slice] | None) -> np.ndarray:
         row = self.meta(video_id)
         shape = (row["height"], row["width"], channels)
+        window = window or (slice(None), slice(None))
         blobs = self.blobs(video_id, column, indices)
+        rows, columns = range(shape[0])[window[0]], range(shape[1])[window[1]]
+        out = np.empty((len(blobs), len(rows), len(columns), channels), dtype)
         try:
-            frames = [codec.decode(b, shape, dtype) for b in blobs]
+            for i, blob in enumerate(blobs):
+                out[i] = codec.decode(blob, shape, dtype)[window]  # raw frames: a view, only the window is copied
         except (ValueError, OSError) as e:
             raise ValueError(f"{self.out / row['shard']}: {video_id} {column}: {e}") from None
-        return np.stack(frames) if frames else np.empty((0, *shape), dtype)
+        return out
 
     def _range(self, video_id: str, start: int, stop: int | None, length: int) -> range:
         stop = length if stop is None else stop
@@ -137,9 +142,10 @@ class ShardReader:
         """RGB frames ``[start, stop)`` as ``[T, H, W, 3] uint8``."""
         return self.rgb_at(video_id, self._range(video_id, start, stop, self.meta(video_id)["num_frames"]))
 
-    def rgb_at(self, video_id: str, indices: Sequence[int]) -> np.ndarray:
-        """RGB frames at ``indices`` (any order, repeats allowed) as ``[T, H, W, 3] uint8``."""
-        return self._decode(video_id, "rgb", indices, self._rgb_codec, 3, np.uint8)
+    def rgb_at(self, video_id: str, indices: Sequence[int], window: tuple[slice, slice] | None = None) -> np.ndarray:
+        """RGB frames at ``indices`` (any order, repeats allowed) as ``[T, H, W, 3] uint8``;
+        ``window`` (rows, columns) crops each frame as it is decoded."""
+        return self._decode(video_id, "rgb", indices, self._rgb_codec, 3, np.uint8, window)
 
     def flow(self, video_id: str, start: int = 0, stop: int | None = None, raw: bool = False) -> np.ndarray:
         """Flows ``[start, stop)`` (flow t: frame t to t + 1) as ``[T, H, W, 2] float32`` pixels.
@@ -149,9 +155,11 @@ class ShardReader:
         """
         return self.flow_at(video_id, self._range(video_id, start, stop, self.meta(video_id)["num_frames"] - 1), raw)
 
-    def flow_at(self, video_id: str, indices: Sequence[int], raw: bool = False) -> np.ndarray:
-        """Flows at ``indices`` as ``[T, H, W, 2]``: float32 pixels, or the stored values with ``raw``."""
-        stored = self._decode(video_id, "flow", indices, self._flow_codec, 2, self.flow_dtype)
+    def flow_at(self, video_id: str, indices: Sequence[int], raw: bool = False,
+                window: tuple[slice, slice] | None = None) -> np.ndarray:
+        """Flows at ``indices`` as ``[T, H, W, 2]``: float32 pixels, or the stored values with ``raw``;
+        ``window`` (rows, columns) crops each flow as it is decoded."""
+        stored = self._decode(video_id, "flow", indices, self._flow_codec, 2, self.flow_dtype, window)
         if raw:
             return stored
         if self.flow_dtype == np.uint8:

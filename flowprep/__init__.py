@@ -1,9 +1,9 @@
 """flowprep: Kinetics-style videos to sharded RGB and TV-L1 optical-flow tensors.
 
 >>> from flowprep import ShardReader, ClipDataset
->>> reader = ShardReader("shards/")
+>>> reader = ShardReader("out/")
 >>> reader.rgb(reader.video_ids[0], 0, 64).shape   # (64, H, W, 3) uint8
->>> ClipDataset("shards/", modalities=("rgb", "flow"))[0]["flow"].shape  # [2, 64, 224, 224]
+>>> ClipDataset("out/", modalities=("rgb", "flow"))[0]["flow"].shape  # [2, 64, 224, 224]
 """
 
 __version__ = "0.1.0"

@@ -54,11 +54,11 @@ def extract_options(f):
         click.option("--annotations", type=click.Path(exists=True, dir_okay=False), help="Kinetics annotation CSV (label,youtube_id,time_start,time_end,split)."),
         click.option("--trim", is_flag=True, help="Cut full-length sources <youtube_id>.<ext> to the CSV's [time_start, time_end]."),
         click.option("--labels", "labels_file", type=click.Path(exists=True, dir_okay=False), help="Class names, one a line, in index order (default: sorted class names found)."),
-        click.option("--limit", type=click.IntRange(min=1), help="Only the first N videos (a quick try)."),
+        click.option("--limit", type=click.IntRange(min=1), help="Only the first N videos found (a quick try; missing files are still all reported)."),
         click.option("--fps", default=25, show_default=True, type=click.IntRange(min=1), help="Output frame rate, resampled by timestamp."),
         click.option("--short-side", default=256, show_default=True, type=click.IntRange(min=16), help="Resize the short side to this many pixels."),
         click.option("--max-frames", type=click.IntRange(min=2), help="At most N frames per video."),
-        click.option("--flow", "flow_backend", default="auto", show_default=True, help="Flow backend: auto (the best available) or opencv."),
+        click.option("--flow", "flow_backend", default="auto", show_default=True, help="Flow backend: auto (the best on this machine; today opencv) or opencv."),
         click.option("--flow-params", default="", help="TV-L1 parameters, e.g. tau=0.25,lambda=0.15,warps=5 (all recorded)."),
         click.option("--flow-bound", default=20.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Clip flow to ±this many pixels."),
         click.option("--flow-dtype", default="uint8", show_default=True, type=click.Choice(["uint8", "float16"]), help="uint8: quantized to the bound; float16: unquantized."),
@@ -71,6 +71,7 @@ def extract_options(f):
         click.option("--decoders", type=click.IntRange(min=1), help="Decode workers (default: one per 16 flow workers)."),
         click.option("--ray-address", envvar="RAY_ADDRESS", help="Ray cluster to use, e.g. auto (default: $RAY_ADDRESS, else a local Ray)."),
         click.option("--overwrite", is_flag=True, help="Delete an existing output in --out and start over."),
+        click.option("--retry-failed", is_flag=True, help="On a rerun, try again the videos that failed in complete shards too."),
         click.option("--allow-failures", default="0", show_default=True, help="Failed videos tolerated before the exit status is non-zero: a count (5) or a fraction (0.02)."),
         click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal)."),
     ]
@@ -83,12 +84,12 @@ def extract_options(f):
 @extract_options
 def extract_command(src, out, annotations, trim, labels_file, limit, fps, short_side, max_frames, flow_backend, flow_params,
                     flow_bound, flow_dtype, rgb_codec, flow_codec, fmt, shard_size, chunk_frames, workers, decoders,
-                    ray_address, overwrite, allow_failures, progress):
+                    ray_address, overwrite, retry_failed, allow_failures, progress):
     """Decode, compute TV-L1 flow and write RGB + flow shards for every video under --src.
 
     A failed video is a line in OUT/failures.jsonl and the run goes on. Rerunning the same
-    command resumes: videos in complete shards are skipped, the rest (failures included) are
-    done again.
+    command resumes: videos in complete shards are skipped (and so are the failures recorded
+    while those shards were written, unless --retry-failed); the rest are done again.
 
     Exit status: 0 when no video failed or the failures are within --allow-failures; 3 when
     more failed; 1 on other errors (e.g. --out holds a run with other options); 2 on bad usage.
@@ -103,7 +104,7 @@ def extract_command(src, out, annotations, trim, labels_file, limit, fps, short_
         raise click.UsageError(str(e)) from None
     try:
         report = extract(src, out, config, annotations=annotations, labels_file=labels_file, limit=limit, overwrite=overwrite,
-                         workers=workers, decoders=decoders, ray_address=ray_address, progress=progress)
+                         retry_failed=retry_failed, workers=workers, decoders=decoders, ray_address=ray_address, progress=progress)
     except (OutputMismatch, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
     print_summary(report, Path(out))
@@ -114,7 +115,7 @@ def extract_command(src, out, annotations, trim, labels_file, limit, fps, short_
 
 
 def print_summary(report: ExtractReport, out: Path) -> None:
-    click.echo(f"videos:  {report.videos} found, {report.skipped} already written, {report.written} written, {report.failed} failed"
+    click.echo(f"videos:  {report.videos} found, {report.skipped} already done, {report.written} written, {report.failed} failed"
                + (f" (see {out / FAILURES})" if report.failed else ""))
     click.echo(f"frames:  {report.frames} frames, {report.flow_pairs} flow pairs in {report.seconds:.1f} s "
                f"({report.pairs_per_second:.2f} pairs/s)")

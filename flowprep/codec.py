@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 DEFAULT_LEVELS = {"jpeg": 95, "png": 1, "zstd": 3, "raw": 0}
+LEVEL_RANGES = {"jpeg": (1, 100), "png": (0, 9), "zstd": (1, 22), "raw": (0, 0)}
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,11 @@ class Codec:
         name, _, level = spec.partition(":")
         if name not in DEFAULT_LEVELS:
             raise ValueError(f"unknown codec {spec!r}; choose from {sorted(DEFAULT_LEVELS)}")
-        return cls(name, int(level) if level else DEFAULT_LEVELS[name])
+        value = int(level) if level else DEFAULT_LEVELS[name]
+        low, high = LEVEL_RANGES[name]
+        if not low <= value <= high:
+            raise ValueError(f"codec {spec!r}: the level of {name} is {low} to {high}")
+        return cls(name, value)
 
     def __str__(self) -> str:
         return self.name if self.name == "raw" else f"{self.name}:{self.level}"

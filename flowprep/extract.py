@@ -35,11 +35,13 @@ from flowprep.shards.layout import (
     INDEX,
     SCHEMA_VERSION,
     SHARDS,
+    INDEX_SCHEMA,
     complete_shards,
     rebuild_index,
     remove_partial_files,
     shard_number,
     write_json,
+    write_table,
 )
 from flowprep.sources import VideoSpec, build_label_map, find_videos
 
@@ -82,7 +84,7 @@ def versions() -> dict[str, str]:
         "python": platform.python_version(),
         "opencv": cv2.__version__,
         "pyav": av.__version__,
-        "ffmpeg": ".".join(map(str, av.ffmpeg_version_info)) if isinstance(av.ffmpeg_version_info, tuple) else str(av.ffmpeg_version_info),
+        "ffmpeg": str(av.ffmpeg_version_info),
         "numpy": np.__version__,
         "pyarrow": pa.__version__,
         "h5py": h5py.__version__,
@@ -134,6 +136,7 @@ def extract(
     labels_file: str | Path | None = None,
     limit: int | None = None,
     overwrite: bool = False,
+    retry_failed: bool = False,
     workers: int | None = None,
     decoders: int | None = None,
     ray_address: str | None = None,
@@ -143,6 +146,8 @@ def extract(
 
     ``workers=0`` computes in this process without Ray. Videos already in complete shards of
     ``out`` are skipped; each failed video is a line of ``out/failures.jsonl`` and in the report.
+    A video that failed while a now complete shard was written is not tried again unless
+    ``retry_failed``: so a resumed run writes the same bytes as an uninterrupted one.
     """
     out = Path(out)
     config = resolve_config(config)
@@ -153,7 +158,7 @@ def extract(
     description = {
         "schema_version": SCHEMA_VERSION,
         "params": config.to_dict(),
-        "flow": {"backend": config.flow_backend, "device": "cpu"},
+        "flow": {"backend": config.flow_backend, "device": BACKENDS[config.flow_backend].device},
         "label_map": label_map,
         "source": {"src": str(Path(src).resolve()), "annotations": annotations and str(Path(annotations).resolve()),
                    "labels_file": labels_file and str(Path(labels_file).resolve())},
@@ -162,29 +167,43 @@ def extract(
     prepare_output(out, description, overwrite)
     for path in remove_partial_files(out):
         log.info("removed %s, left by an interrupted run", path)
-    done = set(rebuild_index(out).column("video_id").to_pylist())
-    todo = [s for s in specs if s.video_id not in done]
+    index = rebuild_index(out).to_pylist()
     shards = complete_shards(out)
-    report = ExtractReport(videos=len(specs) + len(problems), skipped=len(specs) - len(todo))
-    log.info("%d videos found, %d already written, %d to do, %d missing", len(specs), report.skipped, len(todo), len(problems))
+    settled = [] if retry_failed else [f for f in _read_failures(out) if f.get("shard") in shards]
+    done = {row["video_id"] for row in index} | {f["video_id"] for f in settled}
+    todo = [s for s in specs if s.video_id not in done]
+    report = ExtractReport(videos=len(specs) + len(problems), skipped=len(specs) - len(todo), failed=len(settled),
+                           failures=settled)
+    log.info("%d videos found, %d already done (%d of them failed), %d to do, %d missing",
+             len(specs), report.skipped, len(settled), len(todo), len(problems))
+
+    def shard_complete(shard: str, rows: list[dict]) -> None:
+        index.extend(rows)
+        write_table(out / INDEX, pa.Table.from_pylist(index, schema=INDEX_SCHEMA))
+        log.info("shard complete: %s", shard)
 
     metadata = {"flowprep": json.dumps({k: description[k] for k in ("schema_version", "params", "versions")}, sort_keys=True)}
     writer = ShardWriter(out, config, first_shard=shard_number(shards[-1]) + 1 if shards else 0, metadata=metadata,
-                         on_shard_complete=lambda shard: (rebuild_index(out), log.info("shard complete: %s", shard)))
+                         on_shard_complete=shard_complete)
     bar = tqdm(total=len(todo), unit="video", disable=None if progress is None else not progress, dynamic_ncols=True)
     with open(out / FAILURES, "w") as failures:
 
-        def fail(spec_id: str, source: str, stage: str, error: str) -> None:
-            record = {"video_id": spec_id, "source": source, "stage": stage, "error": error}
-            failures.write(json.dumps(record) + "\n")
+        def record(entry: dict) -> None:
+            failures.write(json.dumps(entry) + "\n")
             failures.flush()
-            report.failures.append(record)
+
+        def fail(spec_id: str, source: str, stage: str, error: str, shard: str | None = None) -> None:
+            entry = {"video_id": spec_id, "source": source, "stage": stage, "error": error, "shard": shard}
+            record(entry)
+            report.failures.append(entry)
             report.failed += 1
             log.warning("failed %s (%s): %s", spec_id, stage, error)
 
+        for entry in settled:
+            record(entry)
         for problem in problems:
             fail(problem.video_id, problem.source, "source", problem.error)
-        if workers == 0:
+        if workers == 0 or not todo:
             results = local_video_chunks(todo, config)
         else:
             from flowprep.ray_runner import ray_video_chunks
@@ -199,8 +218,7 @@ def extract(
                 for chunk in chunks:
                     writer.add_chunk(chunk)
             except VideoError as e:
-                writer.abort_video()
-                fail(spec.video_id, spec.path, e.stage, str(e))
+                fail(spec.video_id, spec.path, e.stage, str(e), shard=writer.abort_video())
             else:
                 row = writer.end_video()
                 report.written += 1
@@ -212,8 +230,12 @@ def extract(
             bar.set_postfix(frames=report.frames, pairs_s=f"{report.pairs_per_second:.1f}", failed=report.failed)
         writer.close()
     bar.close()
-    rebuild_index(out)
     return report
+
+
+def _read_failures(out: Path) -> list[dict]:
+    path = out / FAILURES
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def allowed_failures(rule: str, videos: int) -> int:

@@ -48,7 +48,7 @@ class ExtractConfig:
     def __post_init__(self):
         if self.flow_dtype not in ("uint8", "float16"):
             raise ValueError(f"flow dtype must be uint8 or float16, not {self.flow_dtype!r}")
-        if self.flow_dtype == "float16" and Codec.parse(self.flow_codec).name not in ("zstd", "raw"):
+        if Codec.parse(self.flow_codec).name not in ("zstd", "raw") and self.flow_dtype == "float16":
             raise ValueError(f"float16 flow needs a zstd or raw codec, not {self.flow_codec}")
         if self.format not in ("arrow", "hdf5"):
             raise ValueError(f"format must be arrow or hdf5, not {self.format!r}")
@@ -80,23 +80,24 @@ class VideoChunk:
     flow: list[bytes] | None = None
 
 
-def decode_chunks(spec: VideoSpec, config: ExtractConfig) -> Iterator[VideoChunk]:
+def decode_chunks(spec: VideoSpec, config: ExtractConfig, decoder_threads: int = 0) -> Iterator[VideoChunk]:
     """Decode ``spec`` into chunks of ``config.chunk_frames`` frames with RGB encoded, flow pending.
 
-    Raises :class:`DecodeError` for unreadable videos and for videos of fewer than 2 frames.
+    ``decoder_threads``: FFmpeg's threads (0: its own choice, one per core). Raises
+    :class:`DecodeError` for unreadable videos and for videos of fewer than 2 frames.
     """
     try:
-        yield from _decode_chunks(spec, config)
+        yield from _decode_chunks(spec, config, decoder_threads)
     except VideoError:
         raise
     except Exception as e:  # any library error on one bad file fails that video, not the run
         raise DecodeError(f"{type(e).__name__}: {e}") from e
 
 
-def _decode_chunks(spec: VideoSpec, config: ExtractConfig) -> Iterator[VideoChunk]:
+def _decode_chunks(spec: VideoSpec, config: ExtractConfig, decoder_threads: int) -> Iterator[VideoChunk]:
     rgb_codec = Codec.parse(config.rgb_codec)
     n = config.chunk_frames
-    with VideoDecoder(spec.path) as video:
+    with VideoDecoder(spec.path, decoder_threads) as video:
         frames = video.frames(config.fps, config.short_side, spec.start, spec.end, config.max_frames)
         rgb: list[bytes] = []
         gray: list[np.ndarray] = []

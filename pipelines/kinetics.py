@@ -47,6 +47,9 @@ def run(root: Path, out: Path, splits: str, ray_address: str, extract_args: tupl
             flowprep_main(args, standalone_mode=False)
         except SystemExit as e:  # a split over its failure allowance: go on with the others
             status = max(status, e.code or 0)
+        except click.ClickException as e:  # e.g. a missing split folder: report it, do the others
+            e.show()
+            status = max(status, e.exit_code)
     sys.exit(status)
 
 

@@ -113,16 +113,20 @@ def test_annotation_csv_with_missing_rows_and_trim(tmp_path):
     write_video(src / "full.mp4", [index_frame(i) for i in range(100)])  # 4 s at 25 fps, cut to [1, 2)
     csv = tmp_path / "train.csv"
     csv.write_text("label,youtube_id,time_start,time_end,split\n"
-                   "waving,abc,1,2,train\nwaving,full,1,2,train\nclapping,gone,5,15,train\n")
+                   "waving,abc,1,2,train\nwaving,full,1,2,train\nclapping,gone,5,15,train\nwaving,abc,1,2,train\n")
     out = tmp_path / "out"
-    flowprep("extract", "--src", src, "--out", out, "--annotations", csv, "--trim", "--workers", 0, "--allow-failures", 1, *SMALL[:2], "--no-progress")
+    flowprep("extract", "--src", src, "--out", out, "--annotations", csv, "--trim", "--workers", 0, "--allow-failures", 2, *SMALL[:2], "--no-progress")
     reader = ShardReader(out)
     assert reader.video_ids == ["abc_000001_000002", "full"]
     assert reader.label_map == {"clapping": 0, "waving": 1}
     full = reader.meta("full")
     assert (full["segment_start"], full["segment_end"], full["num_frames"]) == (1.0, 2.0, 25)
     assert [read_index(f) for f in reader.rgb("full", 0, 3)] == [25, 26, 27]
-    assert failures(out) == [{"video_id": "gone_000005_000015", "source": str(src / "gone_000005_000015.*"), "stage": "source", "error": "file not found"}]
+    assert failures(out) == [
+        {"video_id": "gone_000005_000015", "source": str(src / "gone_000005_000015.*"), "stage": "source", "error": "file not found", "shard": None},
+        {"video_id": "abc_000001_000002", "source": str(src / "abc_000001_000002.mp4"), "stage": "source",
+         "error": "duplicate video id in the annotations", "shard": None},
+    ]
 
 
 @pytest.mark.ray
@@ -131,9 +135,17 @@ def test_killed_run_resumes_to_the_same_output(tmp_path):
     image = textured_image(96, 160)
     for v in range(6):
         write_video(src / f"pan{v}.mp4", [np.roll(image, (v + 1) * i, axis=1) for i in range(10)])
+    # A video that fails part-way: its first chunks are written (and dropped) before the decoder
+    # meets the damage. Resuming must reproduce that too.
+    data = bytearray(write_video(tmp_path / "v.mp4", [index_frame(i) for i in range(40)]).read_bytes())
+    data[len(data) // 2 - 200 : len(data) // 2 + 200] = np.random.default_rng(0).integers(0, 256, 400, np.uint8).tobytes()
+    (src / "pan2_damaged.mp4").write_bytes(bytes(data))
     reference, out = tmp_path / "reference", tmp_path / "out"
-    args = ["--src", src.parent, "--shard-size", "1", "--short-side", "64", "--chunk-frames", "4", "--no-progress"]
+    args = ["--src", src.parent, "--shard-size", "1", "--short-side", "64", "--chunk-frames", "4", "--no-progress",
+            "--allow-failures", "1"]
     flowprep("extract", *args, "--out", reference, "--workers", 0)
+    assert [f["video_id"] for f in failures(reference)] == ["pan2_damaged"]
+    assert "decoder error after" in failures(reference)[0]["error"]
 
     # Kill the whole process group (driver and its local Ray) once the first shard is complete.
     proc = subprocess.Popen([sys.executable, "-m", "flowprep.cli", "extract", *map(str, args), "--out", str(out), "--workers", "1"],
@@ -146,10 +158,12 @@ def test_killed_run_resumes_to_the_same_output(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     killed_at = complete_shards(out)
     assert 1 <= len(killed_at) < 6
+    assert {r["video_id"] for r in pq.read_table(out / "index.parquet").to_pylist()} < {f"pan{v}" for v in range(6)}
 
     result = flowprep("extract", *args, "--out", out, "--workers", 1)
-    assert f"{len(killed_at)} already written, {6 - len(killed_at)} written" in result.stdout
+    assert f"{6 - len(killed_at)} written" in result.stdout
     assert not list(out.glob("**/*.partial"))
+    assert failures(out) == failures(reference)
     assert complete_shards(out) == complete_shards(reference)
     for shard in complete_shards(reference):
         assert (out / shard).read_bytes() == (reference / shard).read_bytes(), shard

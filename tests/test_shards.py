@@ -163,3 +163,21 @@ def test_missing_shard_is_a_clear_error(small_folder, tmp_path):
     (out / complete_shards(out)[0]).unlink()
     with pytest.raises(FileNotFoundError, match="shard-00000.arrow"):
         ShardReader(out).rgb("counter")
+
+
+def test_reader_keeps_a_bounded_number_of_shards_open(small_folder, tmp_path):
+    out = tmp_path / "out"
+    run(small_folder, out, shard_size=1)  # one video per shard
+    reader, unbounded = ShardReader(out), ShardReader(out)
+    reader.max_open_shards = 1
+    for _ in range(2):
+        for video_id in reader.video_ids:
+            np.testing.assert_array_equal(reader.rgb(video_id), unbounded.rgb(video_id))
+            assert len(reader._files) == 1
+    assert len(unbounded._files) == 3
+
+
+def test_bad_codecs_are_refused_up_front():
+    for options in ({"flow_codec": "lz4"}, {"rgb_codec": "jpeg:500"}, {"flow_codec": "zstd:0"}, {"flow_dtype": "float16", "flow_codec": "png"}):
+        with pytest.raises(ValueError):
+            ExtractConfig(**options)

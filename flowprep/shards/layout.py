@@ -113,8 +113,8 @@ def shard_number(shard: str) -> int:
 
 def remove_partial_files(out: Path) -> list[Path]:
     """Delete what a killed run left: ``*.partial`` files and index parts without their shard."""
-    removed = [p for p in out.glob(f"**/*{PARTIAL}")]
     shard_dir = out / SHARDS
+    removed = [p for p in [*out.glob(f"*{PARTIAL}"), *shard_dir.glob(f"*{PARTIAL}")] if p.is_file()]
     if shard_dir.is_dir():
         stems = {Path(s).stem for s in complete_shards(out)}
         removed += [p for p in shard_dir.glob("*.parquet") if p.stem not in stems]

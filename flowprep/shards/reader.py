@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,10 +24,12 @@ class ShardReader:
     (a handle never crosses a fork). Arrow shards are memory-mapped: reading a frame range touches
     only those frames' bytes.
 
-    >>> reader = ShardReader("shards/")
+    >>> reader = ShardReader("out/")
     >>> rgb = reader.rgb(reader.video_ids[0], 0, 16)    # [16, H, W, 3] uint8
     >>> flow = reader.flow(reader.video_ids[0], 0, 16)  # [16, H, W, 2] float32, pixels
     """
+
+    max_open_shards = 64
 
     def __init__(self, out: str | Path):
         self.out = Path(out)
@@ -44,7 +47,7 @@ class ShardReader:
         self._rgb_codec = Codec.parse(params["rgb_codec"])
         self._flow_codec = Codec.parse(params["flow_codec"])
         self._rows: dict[str, dict] | None = None
-        self._files: dict[str, object] = {}
+        self._files: OrderedDict[str, object] = OrderedDict()
         self._pid = os.getpid()
 
     @property
@@ -80,19 +83,27 @@ class ShardReader:
 
     def _shard(self, shard: str):
         if self._pid != os.getpid():  # forked: the parent's handles are not ours to use
-            self._files, self._pid = {}, os.getpid()
-        if shard not in self._files:
-            path = self.out / shard
-            if not path.is_file():
-                raise FileNotFoundError(f"shard {path} is missing")
-            try:
-                if self.format == "arrow":
-                    self._files[shard] = pa.ipc.open_file(pa.memory_map(str(path)))
-                else:
-                    self._files[shard] = h5py.File(path, "r")
-            except (OSError, pa.ArrowInvalid) as e:
-                raise OSError(f"shard {path} is corrupt or truncated: {e}") from None
-        return self._files[shard]
+            self._files, self._pid = OrderedDict(), os.getpid()
+        if shard in self._files:
+            self._files.move_to_end(shard)
+            return self._files[shard]
+        path = self.out / shard
+        if not path.is_file():
+            raise FileNotFoundError(f"shard {path} is missing")
+        try:
+            handle = pa.ipc.open_file(pa.memory_map(str(path))) if self.format == "arrow" else h5py.File(path, "r")
+        except pa.ArrowInvalid as e:
+            raise OSError(f"shard {path} is corrupt or truncated: {e}") from None
+        except OSError as e:
+            if e.errno is not None:  # out of file handles, no permission: not the file's fault
+                raise
+            raise OSError(f"shard {path} is corrupt or truncated: {e}") from None
+        self._files[shard] = handle
+        if len(self._files) > self.max_open_shards:  # random access over thousands of shards
+            _, oldest = self._files.popitem(last=False)
+            if isinstance(oldest, h5py.File):
+                oldest.close()
+        return handle
 
     def blobs(self, video_id: str, column: str, indices: Sequence[int]) -> list:
         """The stored bytes of frames ``indices`` of ``column`` (``"rgb"`` or ``"flow"``), as buffers
@@ -169,13 +180,13 @@ class ShardReader:
     def __getstate__(self) -> dict:
         # Open files stay with the process that opened them; a pickled reader (DataLoader with
         # spawn) opens its own.
-        return {**self.__dict__, "_files": {}}
+        return {**self.__dict__, "_files": OrderedDict()}
 
     def close(self) -> None:
         for f in self._files.values():
             if isinstance(f, h5py.File):
                 f.close()
-        self._files = {}
+        self._files = OrderedDict()
 
     def __enter__(self) -> ShardReader:
         return self

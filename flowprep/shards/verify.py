@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flowprep.shards.layout import PARTIAL, complete_shards, update_checksum
+from flowprep.shards.layout import PARTIAL, SHARDS, complete_shards, update_checksum
 from flowprep.shards.reader import ShardReader
 
 
@@ -29,7 +29,8 @@ def verify(out: str | Path, sample_frames: int = 3) -> list[str]:
     """
     out = Path(out)
     reader = ShardReader(out)
-    problems = [f"{p}: left by an interrupted run (rerun extract to finish it)" for p in sorted(out.glob(f"**/*{PARTIAL}"))]
+    leftovers = sorted([*out.glob(f"*{PARTIAL}"), *(out / SHARDS).glob(f"*{PARTIAL}")])
+    problems = [f"{p}: left by an interrupted run (rerun extract to finish it)" for p in leftovers]
     by_shard: dict[str, list[str]] = defaultdict(list)
     for video_id in reader.video_ids:
         by_shard[reader.meta(video_id)["shard"]].append(video_id)

@@ -90,6 +90,7 @@ class HDF5ShardFile:
 
     def abort_video(self, video_id: str) -> None:
         del self._videos[video_id]
+        self.count -= 1
 
     def close(self) -> None:
         self._file.close()
@@ -100,7 +101,7 @@ class ShardWriter:
 
     Use per video: :meth:`begin_video`, :meth:`add_chunk` for each chunk in order, then
     :meth:`end_video` (returns its index row) or :meth:`abort_video`. ``on_shard_complete`` is
-    called with each complete shard's relative path, after it became visible.
+    called with each complete shard's relative path and index rows, after it became visible.
     """
 
     def __init__(
@@ -109,7 +110,7 @@ class ShardWriter:
         config: ExtractConfig,
         first_shard: int = 0,
         metadata: dict[str, str] | None = None,
-        on_shard_complete: Callable[[str], None] | None = None,
+        on_shard_complete: Callable[[str, list[dict]], None] | None = None,
     ):
         self.out = Path(out)
         self.config = config
@@ -163,10 +164,12 @@ class ShardWriter:
             self._close_shard()
         return row
 
-    def abort_video(self) -> None:
-        """Drop the video begun last (a failure part-way); it gets no index row."""
+    def abort_video(self) -> str:
+        """Drop the video begun last (a failure part-way); it gets no index row. Returns the shard
+        it was in: a rerun redoes the failure only if that shard was not completed."""
         self._file.abort_video(self._video["video_id"])
         self._video = None
+        return self._shard
 
     def _close_shard(self) -> None:
         self._file.close()
@@ -181,7 +184,7 @@ class ShardWriter:
         write_table(index_part_path(self.out, self._shard), pa.Table.from_pylist(self._rows, schema=INDEX_SCHEMA))
         os.replace(self.out / (self._shard + PARTIAL), self.out / self._shard)
         if self._on_shard_complete:
-            self._on_shard_complete(self._shard)
+            self._on_shard_complete(self._shard, self._rows)
 
     def close(self) -> None:
         """Close the last shard (if any video went into it)."""

@@ -107,7 +107,6 @@ class ClipDataset(Dataset):
         self.clip_len, self.frame_stride, self.crop = clip_len, frame_stride, crop
         self.train, self.flip, self.seed = train, flip, seed
         self.num_clips = 1 if train else num_clips
-        self.normalize = normalize
         # Lookup tables, one per channel, from stored uint8 to the returned value: one pass over
         # the clip. RGB: (v / 255 - mean) / std; flow: q / 127.5 - 1, negated for x when flipped.
         # Unnormalized: v, q, and 255 - q for flipped x.

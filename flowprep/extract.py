@@ -40,6 +40,7 @@ from flowprep.shards.layout import (
     rebuild_index,
     remove_partial_files,
     shard_number,
+    write_atomic,
     write_json,
     write_table,
 )
@@ -88,6 +89,21 @@ def versions() -> dict[str, str]:
         "numpy": np.__version__,
         "pyarrow": pa.__version__,
         "h5py": h5py.__version__,
+    }
+
+
+def describe_run(config: ExtractConfig, label_map: dict[str, int], src, annotations, labels_file) -> dict:
+    """The content of dataset.json: what a run makes and how, to reproduce it."""
+    def absolute(path):
+        return path and str(Path(path).resolve())
+
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "params": config.to_dict(),
+        "flow": {"backend": config.flow_backend, "device": BACKENDS[config.flow_backend].device},
+        "label_map": label_map,
+        "source": {"src": absolute(src), "annotations": absolute(annotations), "labels_file": absolute(labels_file)},
+        "versions": versions(),
     }
 
 
@@ -155,15 +171,7 @@ def extract(
     label_map = build_label_map([s.label for s in specs] + [p.label for p in problems], labels_file)
     if limit is not None:
         specs = specs[:limit]
-    description = {
-        "schema_version": SCHEMA_VERSION,
-        "params": config.to_dict(),
-        "flow": {"backend": config.flow_backend, "device": BACKENDS[config.flow_backend].device},
-        "label_map": label_map,
-        "source": {"src": str(Path(src).resolve()), "annotations": annotations and str(Path(annotations).resolve()),
-                   "labels_file": labels_file and str(Path(labels_file).resolve())},
-        "versions": versions(),
-    }
+    description = describe_run(config, label_map, src, annotations, labels_file)
     prepare_output(out, description, overwrite)
     for path in remove_partial_files(out):
         log.info("removed %s, left by an interrupted run", path)
@@ -186,21 +194,18 @@ def extract(
     writer = ShardWriter(out, config, first_shard=shard_number(shards[-1]) + 1 if shards else 0, metadata=metadata,
                          on_shard_complete=shard_complete)
     bar = tqdm(total=len(todo), unit="video", disable=None if progress is None else not progress, dynamic_ncols=True)
-    with open(out / FAILURES, "w") as failures:
-
-        def record(entry: dict) -> None:
-            failures.write(json.dumps(entry) + "\n")
-            failures.flush()
+    # The kept failures replace the file at once: a kill never loses them.
+    write_atomic(out / FAILURES, "".join(json.dumps(entry) + "\n" for entry in settled).encode())
+    with open(out / FAILURES, "a") as failures:
 
         def fail(spec_id: str, source: str, stage: str, error: str, shard: str | None = None) -> None:
             entry = {"video_id": spec_id, "source": source, "stage": stage, "error": error, "shard": shard}
-            record(entry)
+            failures.write(json.dumps(entry) + "\n")
+            failures.flush()
             report.failures.append(entry)
             report.failed += 1
             log.warning("failed %s (%s): %s", spec_id, stage, error)
 
-        for entry in settled:
-            record(entry)
         for problem in problems:
             fail(problem.video_id, problem.source, "source", problem.error)
         if workers == 0 or not todo:

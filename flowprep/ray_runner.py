@@ -94,7 +94,7 @@ class DecodeWorker:
                 while in_flight:
                     yield self._result(in_flight.popleft())
         except ray.exceptions.RayTaskError as e:
-            raise e.cause if isinstance(e.cause, VideoError) else e
+            raise (e.cause if isinstance(e.cause, VideoError) else e) from None
 
     def _result(self, ref) -> VideoChunk:
         chunk = ray.get(ref)

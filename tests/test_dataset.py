@@ -55,6 +55,7 @@ def test_items_have_the_documented_shapes_types_and_ranges(shards):
     assert item["label"] == 0 and isinstance(item["flip"], bool)
     assert "flow" not in dataset(shards, modalities=("rgb",))[0] and "rgb" not in dataset(shards, modalities=("flow",))[0]
     assert len(dataset(shards, split="val")) == 1
+    assert ds.labels == [0, 0, 0, 0] and dataset(shards, train=False, num_clips=2).labels == [0] * 8
 
 
 def test_rgb_values_follow_the_normalization(shards):

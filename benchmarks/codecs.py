@@ -9,10 +9,8 @@ raw array (ratio = codec bytes / raw bytes). Run:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -20,6 +18,7 @@ from flowprep.codec import Codec, quantize_flow
 from flowprep.decode import VideoDecoder
 from flowprep.flow import get_backend
 from flowprep.samples import sample_clip
+from results import write_results
 
 RGB_CODECS = ["raw", "jpeg:90", "jpeg:95", "png:1", "png:6", "zstd:1", "zstd:3"]
 FLOW_CODECS = ["raw", "jpeg:95", "png:1", "png:6", "zstd:1", "zstd:3", "zstd:6", "zstd:9"]
@@ -65,9 +64,7 @@ def main() -> None:
         print(f"{'codec':10} {'bytes/frame':>12} {'x raw':>7} {'encode ms':>10} {'decode ms':>10}")
         for r in results[name]:
             print(f"{r['codec']:10} {r['bytes_per_frame']:12.0f} {r['ratio_to_raw']:7.3f} {r['encode_ms']:10.3f} {r['decode_ms_median']:10.3f}")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {args.json}")
+    write_results(args.json, results)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ Writes benchmarks/results/extract.json. Ratio = pipeline pairs/s / baseline pair
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import shutil
@@ -30,11 +29,13 @@ import numpy as np
 
 from flowprep import ShardReader
 from flowprep.decode import SourceInfo, VideoDecoder
+from flowprep.export import export_rawframes
 from flowprep.extract import extract
 from flowprep.flow.opencv import TVL1_DEFAULTS
 from flowprep.pipeline import ExtractConfig, VideoChunk
 from flowprep.samples import make_sample_folder
 from flowprep.shards import ShardWriter
+from results import write_results
 
 _solver = None
 
@@ -58,18 +59,10 @@ def bare_solver(pairs: list, processes: int) -> float:
         return time.perf_counter() - t0
 
 
-def denseflow_folder_bytes(reader: ShardReader, dest: Path, quality: int = 95) -> tuple[int, int, int]:
-    """Write the JPEG-per-frame layout; returns (bytes, files, bytes on disk in 4 KiB blocks)."""
-    params = [cv2.IMWRITE_JPEG_QUALITY, quality]
-    for video_id in reader.video_ids:
-        folder = dest / video_id
-        folder.mkdir(parents=True)
-        for i, frame in enumerate(reader.rgb(video_id), 1):
-            cv2.imwrite(str(folder / f"img_{i:05d}.jpg"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), params)
-        for i, flow in enumerate(reader.flow(video_id, raw=True), 1):
-            cv2.imwrite(str(folder / f"flow_x_{i:05d}.jpg"), flow[..., 0], params)
-            cv2.imwrite(str(folder / f"flow_y_{i:05d}.jpg"), flow[..., 1], params)
-    files = [p for p in dest.rglob("*.jpg")]
+def denseflow_folder_bytes(out: Path, dest: Path) -> tuple[int, int, int]:
+    """Export ``out`` to the JPEG-per-frame layout (q95); returns (bytes, files, bytes on disk in 4 KiB blocks)."""
+    export_rawframes(out, dest, quality=95)
+    files = list(dest.rglob("*.jpg"))
     sizes = [p.stat().st_size for p in files]
     return sum(sizes), len(files), sum(-(-s // 4096) * 4096 for s in sizes)
 
@@ -135,7 +128,7 @@ def main() -> None:
     videos = len(reader.video_ids)
     arrow_bytes = sum(p.stat().st_size for p in (work / "arrow0" / "shards").glob("*.arrow"))
     hdf5_bytes = rewrite_as_hdf5(reader, work / "hdf5", config)
-    jpeg_bytes, jpeg_files, jpeg_disk = denseflow_folder_bytes(reader, work / "jpeg")
+    jpeg_bytes, jpeg_files, jpeg_disk = denseflow_folder_bytes(work / "arrow0", work / "jpeg")
 
     base_rate = len(pairs) / statistics.median(baseline)
     steady_rate, wall_rate = len(pairs) / statistics.median(steady), len(pairs) / statistics.median(wall)
@@ -157,9 +150,7 @@ def main() -> None:
     for name, size in results["bytes_per_video"].items():
         print(f"{name:34} {size:12.0f} {size / results['bytes_per_video']['jpeg_folder']:7.3f}")
     print(f"JPEG folder: {jpeg_files / videos:.0f} files per video")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(results, indent=2))
-    print(f"wrote {args.json}")
+    write_results(args.json, results)
     shutil.rmtree(work)
 
 

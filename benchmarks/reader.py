@@ -23,7 +23,6 @@ the stored sizes are those of real flow, which is what reading costs depend on.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -43,6 +42,7 @@ from flowprep.export import export_rawframes
 from flowprep.extract import extract
 from flowprep.pipeline import ExtractConfig
 from flowprep.samples import make_sample_folder
+from results import write_results
 
 CHEAP_TVL1 = {"nscales": 1, "warps": 1, "outer_iterations": 1, "inner_iterations": 5, "median_filtering": 1}
 T, CROP = 64, 224
@@ -171,9 +171,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['modalities']:10} {r['workers']:7}  {r['reader']:30} {r['clips_per_s']:8.2f} {r['ratio_to_rawframes']:11.2f} {r['pixel_MB_per_s']:10.1f}")
     result = {"clip_len": T, "crop": CROP, "clips": args.clips, "cores": os.cpu_count(), "stored_bytes_per_frame": stored, "rows": rows}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.json}")
+    write_results(args.json, result)
     shutil.rmtree(work)
 
 

@@ -15,7 +15,7 @@ from flowprep.extract import ExtractReport, OutputMismatch, allowed_failures, ex
 from flowprep.flow import parse_flow_params
 from flowprep.pipeline import ExtractConfig
 from flowprep.shards import ShardReader
-from flowprep.shards.layout import FAILURES
+from flowprep.shards.layout import FAILURES, read_failures
 
 EXIT_FAILURES = 3
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
@@ -125,8 +125,7 @@ def print_summary(report: ExtractReport, out: Path) -> None:
 def describe(out: Path) -> dict:
     reader = ShardReader(out)
     rows = [reader.meta(v) for v in reader.video_ids]
-    failures_path = out / FAILURES
-    failures = [json.loads(line) for line in failures_path.read_text().splitlines()] if failures_path.exists() else []
+    failures = read_failures(out)
     shards = sorted({r["shard"] for r in rows})
     return {
         "out": str(out),

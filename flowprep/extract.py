@@ -37,6 +37,7 @@ from flowprep.shards.layout import (
     SHARDS,
     INDEX_SCHEMA,
     complete_shards,
+    read_failures,
     rebuild_index,
     remove_partial_files,
     shard_number,
@@ -177,7 +178,7 @@ def extract(
         log.info("removed %s, left by an interrupted run", path)
     index = rebuild_index(out).to_pylist()
     shards = complete_shards(out)
-    settled = [] if retry_failed else [f for f in _read_failures(out) if f.get("shard") in shards]
+    settled = [] if retry_failed else [f for f in read_failures(out) if f.get("shard") in shards]
     done = {row["video_id"] for row in index} | {f["video_id"] for f in settled}
     todo = [s for s in specs if s.video_id not in done]
     report = ExtractReport(videos=len(specs) + len(problems), skipped=len(specs) - len(todo), failed=len(settled),
@@ -237,10 +238,6 @@ def extract(
     bar.close()
     return report
 
-
-def _read_failures(out: Path) -> list[dict]:
-    path = out / FAILURES
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def allowed_failures(rule: str, videos: int) -> int:

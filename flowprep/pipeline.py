@@ -104,14 +104,12 @@ def _decode_chunks(spec: VideoSpec, config: ExtractConfig, decoder_threads: int)
         start = 0
         shape = None
         for frame in frames:
+            gray.append(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY))
             if len(rgb) == n:
                 # This frame is the next chunk's first; it closes this chunk's last flow pair.
-                gray.append(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY))
                 yield VideoChunk(spec.video_id, start, rgb, np.stack(gray), *shape, video.info, last=False)
                 start += n
                 rgb, gray = [], [gray[-1]]
-            else:
-                gray.append(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY))
             if shape is None:
                 shape = frame.shape[:2]
             elif frame.shape[:2] != shape:

@@ -23,6 +23,7 @@ import uuid
 from collections import deque
 from collections.abc import Iterator
 
+import cv2
 import ray
 
 from flowprep.errors import VideoError
@@ -53,8 +54,6 @@ class FlowWorker:
 
 class DecodeWorker:
     def __init__(self, config: ExtractConfig, flow_worker_names: list[str]):
-        import cv2
-
         cv2.setNumThreads(1)
         self.config = config
         # Names, not handles: a restarted decoder finds the flow actors again by itself.
@@ -171,11 +170,12 @@ def _in_order(specs, decode_workers, flow_workers, window):
     todo = iter(enumerate(specs))
 
     def submit() -> None:
-        for i, spec in todo:
+        item = next(todo, None)
+        if item is not None:
+            i, spec = item
             decoder = decode_workers[i % len(decode_workers)]
             generator = decoder.decode.options(_generator_backpressure_num_objects=BACKPRESSURE_CHUNKS).remote(spec)
             pending.append((spec, generator))
-            return
 
     for _ in range(window):
         submit()

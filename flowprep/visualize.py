@@ -12,7 +12,7 @@ import av
 import cv2
 import numpy as np
 
-from flowprep.shards.reader import ShardReader
+from flowprep.shards.reader import ShardReader, spread_indices
 
 # The wheel's hue segments: (length, channel held at 255, channel that ramps, ramps up?), channels
 # R=0 G=1 B=2: red->yellow, yellow->green, green->cyan, cyan->blue, blue->magenta, magenta->red.
@@ -71,7 +71,7 @@ def render(rgb: np.ndarray, flow: np.ndarray, index: int, scale: float) -> np.nd
 def flow_scale(reader: ShardReader, video_id: str, samples: int = 32) -> float:
     """A colour scale for a video: the 99th percentile flow magnitude over a sample of its flows (>= 1 px)."""
     n = reader.meta(video_id)["num_frames"] - 1
-    flows = reader.flow_at(video_id, np.unique(np.linspace(0, n - 1, min(samples, n)).round().astype(int)))
+    flows = reader.flow_at(video_id, spread_indices(n, samples))
     return max(1.0, float(np.percentile(np.linalg.norm(flows, axis=-1), 99)))
 
 

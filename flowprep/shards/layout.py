@@ -123,6 +123,12 @@ def remove_partial_files(out: Path) -> list[Path]:
     return removed
 
 
+def read_failures(out: Path) -> list[dict]:
+    """The records of ``<out>/failures.jsonl`` (none when it does not exist)."""
+    path = out / FAILURES
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
 def read_index(out: Path) -> pa.Table:
     """The index rows of every complete shard, in shard order (the truth ``index.parquet`` is built from)."""
     parts = [pq.read_table(index_part_path(out, s), schema=INDEX_SCHEMA) for s in complete_shards(out)]

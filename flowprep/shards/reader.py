@@ -75,9 +75,12 @@ class ShardReader:
         return video_id in self._index
 
     def meta(self, video_id: str) -> dict:
-        """The video's index row: label, label_index, num_frames, height, width, fps, source, ..."""
+        """The video's index row (a copy): label, label_index, num_frames, height, width, fps, source, ..."""
+        return dict(self._row(video_id))
+
+    def _row(self, video_id: str) -> dict:
         try:
-            return dict(self._index[video_id])
+            return self._index[video_id]
         except KeyError:
             raise KeyError(f"no video {video_id!r} in {self.out}") from None
 
@@ -108,7 +111,7 @@ class ShardReader:
     def blobs(self, video_id: str, column: str, indices: Sequence[int]) -> list:
         """The stored bytes of frames ``indices`` of ``column`` (``"rgb"`` or ``"flow"``), as buffers
         (zero-copy views of the memory-mapped file for Arrow)."""
-        row = self.meta(video_id)
+        row = self._row(video_id)
         length = row["num_frames"] - (column == "flow")
         bad = [i for i in indices if not 0 <= i < length]
         if bad:
@@ -130,7 +133,7 @@ class ShardReader:
 
     def _decode(self, video_id: str, column: str, indices: Sequence[int], codec: Codec, channels: int, dtype,
                 window: tuple[slice, slice] | None) -> np.ndarray:
-        row = self.meta(video_id)
+        row = self._row(video_id)
         shape = (row["height"], row["width"], channels)
         window = window or (slice(None), slice(None))
         blobs = self.blobs(video_id, column, indices)
@@ -151,7 +154,7 @@ class ShardReader:
 
     def rgb(self, video_id: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """RGB frames ``[start, stop)`` as ``[T, H, W, 3] uint8``."""
-        return self.rgb_at(video_id, self._range(video_id, start, stop, self.meta(video_id)["num_frames"]))
+        return self.rgb_at(video_id, self._range(video_id, start, stop, self._row(video_id)["num_frames"]))
 
     def rgb_at(self, video_id: str, indices: Sequence[int], window: tuple[slice, slice] | None = None) -> np.ndarray:
         """RGB frames at ``indices`` (any order, repeats allowed) as ``[T, H, W, 3] uint8``;
@@ -164,7 +167,7 @@ class ShardReader:
         ``raw=True`` returns the stored values instead: uint8 ``q`` (pixels = ``q * 2b / 255 - b``)
         or float16.
         """
-        return self.flow_at(video_id, self._range(video_id, start, stop, self.meta(video_id)["num_frames"] - 1), raw)
+        return self.flow_at(video_id, self._range(video_id, start, stop, self._row(video_id)["num_frames"] - 1), raw)
 
     def flow_at(self, video_id: str, indices: Sequence[int], raw: bool = False,
                 window: tuple[slice, slice] | None = None) -> np.ndarray:
@@ -194,3 +197,7 @@ class ShardReader:
     def __exit__(self, *exc) -> None:
         self.close()
 
+
+def spread_indices(length: int, count: int) -> np.ndarray:
+    """Up to ``count`` distinct indices spread evenly over ``[0, length)``, first and last included."""
+    return np.unique(np.linspace(0, length - 1, min(count, length)).round().astype(int))

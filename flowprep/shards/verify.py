@@ -7,10 +7,9 @@ import hashlib
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 
 from flowprep.shards.layout import PARTIAL, SHARDS, complete_shards, update_checksum
-from flowprep.shards.reader import ShardReader
+from flowprep.shards.reader import ShardReader, spread_indices
 
 
 def video_checksum(reader: ShardReader, video_id: str) -> str:
@@ -48,8 +47,8 @@ def verify(out: str | Path, sample_frames: int = 3) -> list[str]:
                     problems.append(f"{out / shard}: {video_id}: stored bytes do not match the index checksum")
                     continue
                 n = meta["num_frames"]
-                rgb = reader.rgb_at(video_id, np.unique(np.linspace(0, n - 1, sample_frames).round().astype(int)))
-                flow = reader.flow_at(video_id, np.unique(np.linspace(0, n - 2, sample_frames).round().astype(int)))
+                rgb = reader.rgb_at(video_id, spread_indices(n, sample_frames))
+                flow = reader.flow_at(video_id, spread_indices(n - 1, sample_frames))
                 if rgb.shape[1:] != (meta["height"], meta["width"], 3) or flow.shape[1:] != (meta["height"], meta["width"], 2):
                     problems.append(f"{out / shard}: {video_id}: frames decode to {rgb.shape[1:]} / {flow.shape[1:]}")
             except Exception as e:  # any failure to read is what verify is there to report

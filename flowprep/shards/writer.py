@@ -81,10 +81,10 @@ class HDF5ShardFile:
     def add(self, video_id: str, chunk: VideoChunk) -> None:
         group = self._videos[video_id]
         for name, blobs in (("rgb", chunk.rgb), ("flow", chunk.flow)):
-            ds = group[name]
-            n = ds.shape[0]
             if not blobs:
                 continue
+            ds = group[name]
+            n = ds.shape[0]
             ds.resize((n + len(blobs),))
             ds[n:] = [np.frombuffer(b, np.uint8) for b in blobs]
 
@@ -174,15 +174,15 @@ class ShardWriter:
     def _close_shard(self) -> None:
         self._file.close()
         self._file = None
+        partial = self.out / (self._shard + PARTIAL)
         if not self._rows:  # every video in it failed
-            os.unlink(self.out / (self._shard + PARTIAL))
+            os.unlink(partial)
             self._next_shard -= 1
             return
-        partial = self.out / (self._shard + PARTIAL)
         with open(partial, "rb+") as f:
             os.fsync(f.fileno())  # the rename below must never expose a shard that is not on disk
         write_table(index_part_path(self.out, self._shard), pa.Table.from_pylist(self._rows, schema=INDEX_SCHEMA))
-        os.replace(self.out / (self._shard + PARTIAL), self.out / self._shard)
+        os.replace(partial, self.out / self._shard)
         if self._on_shard_complete:
             self._on_shard_complete(self._shard, self._rows)
 

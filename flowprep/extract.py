@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import shutil
 import time
@@ -22,11 +23,12 @@ import cv2
 import h5py
 import numpy as np
 import pyarrow as pa
+import torch
 from tqdm import tqdm
 
 import flowprep
 from flowprep.errors import VideoError
-from flowprep.flow import BACKENDS, get_backend, resolve_backend_name
+from flowprep.flow import BACKENDS, flow_device, get_backend, resolve_backend_name
 from flowprep.pipeline import ExtractConfig, VideoChunk, video_chunks
 from flowprep.shards import ShardWriter
 from flowprep.shards.layout import (
@@ -73,9 +75,10 @@ class ExtractReport:
         return self.flow_pairs / self.seconds if self.seconds > 0 else 0.0
 
 
-def resolve_config(config: ExtractConfig) -> ExtractConfig:
-    """``config`` with the flow backend resolved (``auto`` -> a name) and all its parameters filled in."""
-    name = resolve_backend_name(config.flow_backend)
+def resolve_config(config: ExtractConfig, gpus: int | None = None) -> ExtractConfig:
+    """``config`` with the flow backend resolved (``auto`` -> a name) and all its parameters filled
+    in; ``gpus`` are those of the Ray cluster that will run it, if not this machine's."""
+    name = resolve_backend_name(config.flow_backend, gpus)
     params = BACKENDS[name].resolve_params(config.flow_params)
     return ExtractConfig(**{**config.to_dict(), "flow_backend": name, "flow_params": params})
 
@@ -90,10 +93,11 @@ def versions() -> dict[str, str]:
         "numpy": np.__version__,
         "pyarrow": pa.__version__,
         "h5py": h5py.__version__,
+        "torch": torch.__version__,
     }
 
 
-def describe_run(config: ExtractConfig, label_map: dict[str, int], src, annotations, labels_file) -> dict:
+def describe_run(config: ExtractConfig, label_map: dict[str, int], src, annotations, labels_file, gpus: int | None = None) -> dict:
     """The content of dataset.json: what a run makes and how, to reproduce it."""
     def absolute(path):
         return path and str(Path(path).resolve())
@@ -101,7 +105,7 @@ def describe_run(config: ExtractConfig, label_map: dict[str, int], src, annotati
     return {
         "schema_version": SCHEMA_VERSION,
         "params": config.to_dict(),
-        "flow": {"backend": config.flow_backend, "device": BACKENDS[config.flow_backend].device},
+        "flow": {"backend": config.flow_backend, "device": flow_device(config.flow_backend, gpus)},
         "label_map": label_map,
         "source": {"src": absolute(src), "annotations": absolute(annotations), "labels_file": absolute(labels_file)},
         "versions": versions(),
@@ -124,8 +128,9 @@ def prepare_output(out: Path, description: dict, overwrite: bool) -> None:
             if previous.get(key) != description[key]:
                 raise OutputMismatch(f"{out} holds a run with other {key}: {_difference(previous.get(key), description[key])}. "
                                      "Use another --out, the same options, or --overwrite to start over.")
-        if previous.get("versions") != description["versions"]:
-            log.warning("%s was started with other library versions: %s", out, _difference(previous.get("versions"), description["versions"]))
+        for key in ("versions", "flow"):
+            if previous.get(key) != description[key]:
+                log.warning("%s was started with other %s: %s", out, key, _difference(previous.get(key), description[key]))
     out.mkdir(parents=True, exist_ok=True)
     write_json(path, description)
 
@@ -167,12 +172,18 @@ def extract(
     ``retry_failed``: so a resumed run writes the same bytes as an uninterrupted one.
     """
     out = Path(out)
-    config = resolve_config(config)
+    gpus = None  # this machine's, unless a Ray cluster runs the flow
+    if workers != 0 and (ray_address or os.environ.get("RAY_ADDRESS")):
+        from flowprep.ray_runner import cluster_gpus, start_ray
+
+        start_ray(ray_address)
+        gpus = cluster_gpus()
+    config = resolve_config(config, gpus)
     specs, problems = find_videos(src, annotations, config.trim)
     label_map = build_label_map([s.label for s in specs] + [p.label for p in problems], labels_file)
     if limit is not None:
         specs = specs[:limit]
-    description = describe_run(config, label_map, src, annotations, labels_file)
+    description = describe_run(config, label_map, src, annotations, labels_file, gpus)
     prepare_output(out, description, overwrite)
     for path in remove_partial_files(out):
         log.info("removed %s, left by an interrupted run", path)

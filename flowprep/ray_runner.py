@@ -4,7 +4,10 @@
   videos at once (threads), each as a streaming generator. It hands each chunk to the least
   loaded flow actor as soon as it exists, keeps ``FLOW_LOOKAHEAD`` of them in flight per video,
   and yields the finished chunks in order.
-* ``FlowWorker`` (one CPU) holds one flow backend and turns chunks into stored bytes.
+* ``FlowWorker`` holds one flow backend and turns chunks into stored bytes. On the CPU it takes
+  one core and a chunk at a time. On a GPU it takes the whole GPU and many chunks at once (a
+  thread each): their pairs are solved in shared batches (:class:`PairBatcher`) while the
+  threads encode finished chunks, and the driver keeps ``GPU_VIDEOS`` videos in flight for it.
 * The driver keeps a bounded window of videos in flight and consumes them in input order; each
   generator stops after a few unconsumed chunks (Ray's generator backpressure), so memory stays
   bounded by ``window x (lookahead + backpressure) x chunk`` however long the videos are.
@@ -27,7 +30,8 @@ import cv2
 import ray
 
 from flowprep.errors import VideoError
-from flowprep.flow import get_backend
+from flowprep.flow import BACKENDS, get_backend
+from flowprep.flow.batching import PairBatcher
 from flowprep.pipeline import ExtractConfig, VideoChunk, decode_chunks, flow_chunk
 from flowprep.sources import VideoSpec
 
@@ -37,6 +41,11 @@ log = logging.getLogger(__name__)
 BACKPRESSURE_CHUNKS = 4
 # Chunks of one video in the flow actors' hands at once.
 FLOW_LOOKAHEAD = 3
+# Videos in flight for each GPU flow actor: 32 x FLOW_LOOKAHEAD chunks of 8 frames, about 670
+# pairs to batch, and enough queued that the GPU does not wait for the decoders.
+GPU_VIDEOS = 32
+# Threads of a GPU flow actor: every chunk that may be in its hands.
+GPU_CHUNKS = 2 * GPU_VIDEOS * FLOW_LOOKAHEAD
 
 
 class WorkerError(VideoError):
@@ -46,10 +55,15 @@ class WorkerError(VideoError):
 class FlowWorker:
     def __init__(self, config: ExtractConfig, threads: int = 1):
         self.config = config
-        self.backend = get_backend(config.flow_backend, config.flow_params, threads=threads)
+        backend = get_backend(config.flow_backend, config.flow_params, threads=threads)
+        self.backend = PairBatcher(backend) if getattr(backend, "batched", False) else backend
+        log.info("flow worker: %s on %s", backend.name, backend.device)
 
     def flow(self, chunk: VideoChunk) -> VideoChunk:
         return flow_chunk(chunk, self.backend, self.config)
+
+    def device(self) -> str:
+        return self.backend.device
 
 
 class DecodeWorker:
@@ -113,6 +127,11 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
 
 
+def cluster_gpus() -> int:
+    """GPUs in the Ray cluster this process is connected to."""
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
 def _video_error(e: Exception) -> VideoError:
     if isinstance(e, ray.exceptions.RayTaskError) and isinstance(e.cause, VideoError):
         return e.cause
@@ -140,20 +159,32 @@ def ray_video_chunks(
 ) -> Iterator[tuple[VideoSpec, Iterator[VideoChunk]]]:
     """``(spec, chunks)`` for each video of ``specs``, in order, computed by Ray actors.
 
-    ``workers`` flow actors (default: every CPU of the cluster), ``decoders`` decode actors
-    (default: one per 16 flow actors). Consume each video's chunks before asking for the next.
-    Chunk iterators raise :class:`VideoError` for a failed video. Ray is started and the actors
-    are ready before this returns.
+    ``workers`` flow actors (default: one per GPU of the cluster for ``torch`` and ``opencv-cuda``
+    when it has GPUs, else one per CPU), ``decoders`` decode actors (default: one per 16 CPU flow
+    actors, or per 4 CPUs beside GPU flow actors). Consume each video's chunks before asking for
+    the next. Chunk iterators raise :class:`VideoError` for a failed video. Ray is started and the
+    actors are ready before this returns.
     """
     start_ray(address, workers)
-    cpus = int(ray.cluster_resources().get("CPU", 0))
-    if workers and workers > cpus:
-        raise ValueError(f"--workers {workers} needs {workers} CPUs; the Ray cluster has {cpus}")
-    workers = workers or max(1, cpus)
-    decoders = decoders or max(1, workers // 16)
+    cpus, gpus = int(ray.cluster_resources().get("CPU", 0)), cluster_gpus()
+    on_gpu = config.flow_backend == "opencv-cuda" or (config.flow_backend == "torch" and gpus > 0)
+    have, unit = (gpus, "GPUs") if on_gpu else (cpus, "CPUs")
+    if workers and workers > have:
+        raise ValueError(f"--workers {workers} needs {workers} {unit}; the Ray cluster has {have}")
+    workers = workers or max(1, have)
     names = [f"flowprep-flow-{uuid.uuid4().hex}" for _ in range(workers)]
-    flow_workers = [ray.remote(FlowWorker).options(name=name, num_cpus=1, max_restarts=-1).remote(config) for name in names]
-    window = workers + 2 * decoders  # videos queued: with the lookahead, enough chunks for every worker
+    # A batched backend takes many chunks at once (its PairBatcher solves them together); any
+    # other holds one solver that must not be called from two threads.
+    batched = getattr(BACKENDS[config.flow_backend], "batched", False)
+    if on_gpu:
+        decoders = decoders or max(1, cpus // 4)
+        resources = {"num_cpus": 1, "num_gpus": 1, "max_concurrency": GPU_CHUNKS if batched else 1}
+        window = workers * GPU_VIDEOS + 2 * decoders
+    else:
+        decoders = decoders or max(1, workers // 16)
+        resources = {"num_cpus": 1, "max_concurrency": 2 * FLOW_LOOKAHEAD if batched else 1}
+        window = workers + 2 * decoders  # videos queued: with the lookahead, enough chunks for every worker
+    flow_workers = [ray.remote(FlowWorker).options(name=name, max_restarts=-1, **resources).remote(config) for name in names]
     decode_workers = [
         ray.remote(DecodeWorker)  # a thread for each queued video and the one being written
         .options(num_cpus=0, max_restarts=-1, max_concurrency=-(-(window + 1) // decoders), scheduling_strategy="SPREAD")
@@ -161,7 +192,8 @@ def ray_video_chunks(
         for _ in range(decoders)
     ]
     ray.get([actor.__ray_ready__.remote() for actor in flow_workers + decode_workers])  # a backend that cannot start fails here
-    log.info("ray: %d flow workers (%s), %d decoders", workers, config.flow_backend, decoders)
+    devices = ray.get([actor.device.remote() for actor in flow_workers])
+    log.info("ray: %d flow workers (%s on %s), %d decoders", workers, config.flow_backend, ", ".join(sorted(set(devices))), decoders)
     return _in_order(specs, decode_workers, flow_workers, window)
 
 

@@ -7,16 +7,22 @@ OpenCV's convention (``frame_t(p) ≈ frame_{t+1}(p + flow_t(p))``).
 
 from __future__ import annotations
 
+import logging
 from typing import Protocol
 
 import numpy as np
+import torch
 
-from flowprep.flow.opencv import OpenCVTVL1
+from flowprep.flow.opencv import OpenCVCudaTVL1, OpenCVTVL1, opencv_cuda_devices
+from flowprep.flow.torch_tvl1 import TorchTVL1, default_device
+
+log = logging.getLogger(__name__)
 
 
 class FlowBackend(Protocol):
     name: str
     device: str
+    """Where it runs, e.g. ``cpu`` or ``cuda:0 (NVIDIA H200)``."""
     params: dict
     """Every solver parameter, defaults filled in, as recorded in dataset.json."""
 
@@ -25,16 +31,34 @@ class FlowBackend(Protocol):
         ...
 
 
-BACKENDS = {"opencv": OpenCVTVL1}
+BACKENDS = {"opencv": OpenCVTVL1, "opencv-cuda": OpenCVCudaTVL1, "torch": TorchTVL1}
 
 
-def resolve_backend_name(name: str) -> str:
-    """The backend ``auto`` stands for on this machine (the best available), or ``name`` itself."""
+def resolve_backend_name(name: str, gpus: int | None = None) -> str:
+    """The backend ``auto`` stands for (``torch`` on a GPU, then ``opencv-cuda``, then ``opencv``),
+    or ``name`` itself. ``gpus``: the GPUs of the cluster that will run the flow, if not this machine's."""
     if name == "auto":
-        return "opencv"
+        if gpus or (gpus is None and default_device() == "cuda"):
+            name = "torch"
+        elif opencv_cuda_devices():
+            name = "opencv-cuda"
+        else:
+            name = "opencv"
+        log.info("flow backend auto: %s", name)
+        return name
     if name not in BACKENDS:
         raise ValueError(f"unknown flow backend {name!r}; choose from auto, {', '.join(sorted(BACKENDS))}")
     return name
+
+
+def flow_device(name: str, gpus: int | None = None) -> str:
+    """Where backend ``name`` will run: ``cpu``, or ``cuda`` with the GPU's name when it is on
+    this machine. ``gpus``: the GPUs of the cluster that will run the flow, if not this machine's."""
+    if name == "opencv" or (name == "torch" and not (gpus if gpus is not None else default_device() == "cuda")):
+        return "cpu"
+    if gpus is None and default_device() == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(0)})"
+    return "cuda"
 
 
 def get_backend(name: str, params: dict | None = None, threads: int = 1) -> FlowBackend:

@@ -33,6 +33,19 @@ def tvl1_params(params: dict) -> dict:
     return {k: type(TVL1_DEFAULTS[k])(v) for k, v in merged.items()}
 
 
+def opencv_cuda_devices() -> int:
+    """CUDA devices OpenCV can use: 0 unless this OpenCV was built with CUDA and sees a GPU."""
+    try:
+        return cv2.cuda.getCudaEnabledDeviceCount()
+    except (AttributeError, cv2.error):
+        return 0
+
+
+def _check_frames(frames: np.ndarray) -> None:
+    if frames.ndim != 3 or frames.dtype != np.uint8:
+        raise FlowError(f"expected [T, H, W] uint8 gray frames, got {frames.shape} {frames.dtype}")
+
+
 class OpenCVTVL1:
     """OpenCV's CPU TV-L1 (Zach, Pock and Bischof 2007; Sánchez, Meinhardt-Llopis and Facciolo 2013).
 
@@ -51,10 +64,62 @@ class OpenCVTVL1:
 
     def compute(self, frames: np.ndarray) -> np.ndarray:
         """``[T, H, W] uint8`` gray to ``[T-1, H, W, 2] float32`` pixels (x right, y down)."""
-        if frames.ndim != 3 or frames.dtype != np.uint8:
-            raise FlowError(f"expected [T, H, W] uint8 gray frames, got {frames.shape} {frames.dtype}")
+        _check_frames(frames)
         t, h, w = frames.shape
         out = np.empty((max(t - 1, 0), h, w, 2), np.float32)
         for i in range(t - 1):
             out[i] = self._solver.calc(frames[i], frames[i + 1], None)
+        return out
+
+
+# cv::cuda::OpticalFlowDual_TVL1's parameters and defaults (opencv_contrib cudaoptflow), in the
+# order of its create() arguments.
+TVL1_CUDA_DEFAULTS = {
+    "tau": 0.25,
+    "lambda": 0.15,
+    "theta": 0.3,
+    "nscales": 5,
+    "warps": 5,
+    "epsilon": 0.01,
+    "iterations": 300,
+    "scale_step": 0.8,
+    "gamma": 0.0,
+}
+
+
+def tvl1_cuda_params(params: dict) -> dict:
+    """``params`` over OpenCV CUDA's TV-L1 defaults; an unknown name is an error."""
+    unknown = sorted(set(params) - set(TVL1_CUDA_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown OpenCV CUDA TV-L1 parameters {unknown}; known: {sorted(TVL1_CUDA_DEFAULTS)}")
+    return {k: type(v)(params.get(k, v)) for k, v in TVL1_CUDA_DEFAULTS.items()}
+
+
+class OpenCVCudaTVL1:
+    """``cv2.cuda.OpticalFlowDual_TVL1``: needs an OpenCV built with CUDA (docker/Dockerfile.opencv-cuda);
+    the pip wheels have none. One GPU per instance, chosen by ``gpu``."""
+
+    name = "opencv-cuda"
+    resolve_params = staticmethod(tvl1_cuda_params)
+
+    def __init__(self, params: dict | None = None, threads: int = 1, gpu: int = 0):
+        if opencv_cuda_devices() == 0:
+            raise FlowError("opencv-cuda needs OpenCV built with CUDA and a GPU it can see "
+                            f"(cv2 {cv2.__version__} sees none); use --flow torch for GPU flow without a custom OpenCV")
+        self.params = tvl1_cuda_params(params or {})
+        cv2.setNumThreads(threads)
+        cv2.cuda.setDevice(gpu)
+        self.device = f"cuda:{gpu} ({cv2.cuda.DeviceInfo(gpu).name()})"
+        self._solver = cv2.cuda.OpticalFlowDual_TVL1.create(*self.params.values())
+        self._first, self._second = cv2.cuda.GpuMat(), cv2.cuda.GpuMat()
+
+    def compute(self, frames: np.ndarray) -> np.ndarray:
+        """``[T, H, W] uint8`` gray to ``[T-1, H, W, 2] float32`` pixels (x right, y down)."""
+        _check_frames(frames)
+        t, h, w = frames.shape
+        out = np.empty((max(t - 1, 0), h, w, 2), np.float32)
+        for i in range(t - 1):
+            self._first.upload(frames[i])
+            self._second.upload(frames[i + 1])
+            out[i] = self._solver.calc(self._first, self._second, None).download()
         return out

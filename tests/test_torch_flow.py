@@ -1,0 +1,278 @@
+"""The PyTorch TV-L1 against OpenCV's: its building blocks, its flow on real frames, known motion,
+batching, and the ``torch`` backend in an extraction (in-process and on Ray)."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import av
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from conftest import textured_image
+from flowprep.errors import FlowError
+from flowprep.flow import flow_device, get_backend, resolve_backend_name
+from flowprep.flow.batching import PairBatcher
+from flowprep.flow.opencv import opencv_cuda_devices
+from flowprep.flow.torch_tvl1 import (
+    TVL1Solver,
+    centered_gradient,
+    median5,
+    pyramid_sizes,
+    resize_linear,
+    torch_tvl1_params,
+    warp_cubic,
+)
+from flowprep.samples import sample_clip
+
+rng = np.random.default_rng(7)
+
+
+def tensor(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a))[None]
+
+
+def gray_frames(name: str, short_side: int, count: int) -> np.ndarray:
+    """The first ``count`` frames of a real sample clip, gray, short side ``short_side``."""
+    frames = []
+    with av.open(str(sample_clip(name))) as container:
+        for frame in container.decode(video=0):
+            gray = frame.to_ndarray(format="gray")
+            scale = short_side / min(gray.shape)
+            frames.append(cv2.resize(gray, (round(gray.shape[1] * scale), round(gray.shape[0] * scale)), interpolation=cv2.INTER_AREA))
+            if len(frames) == count:
+                return np.stack(frames)
+    raise AssertionError(f"{name} has fewer than {count} frames")
+
+
+def opencv_flow(frames: np.ndarray) -> np.ndarray:
+    solver = cv2.optflow.DualTVL1OpticalFlow_create()
+    return np.stack([solver.calc(frames[i], frames[i + 1], None) for i in range(len(frames) - 1)])
+
+
+def epe(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(a - b, axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# building blocks, each against the OpenCV function it stands for
+
+
+def test_pyramid_sizes_follow_opencv_resize():
+    sizes = pyramid_sizes(97, 131, 5, 0.8)
+    image = np.zeros((97, 131), np.float32)
+    for h, w in sizes[1:]:
+        image = cv2.resize(image, None, fx=0.8, fy=0.8)
+        assert image.shape == (h, w)
+    # Levels under 16 pixels end the pyramid.
+    assert pyramid_sizes(30, 200, 5, 0.8) == [(30, 200), (24, 160), (19, 128)]
+
+
+def test_linear_resize_matches_opencv():
+    image = (rng.random((37, 53)) * 255).astype(np.float32)
+    small = cv2.resize(image, None, fx=0.8, fy=0.8, interpolation=cv2.INTER_LINEAR)
+    ours = resize_linear(tensor(image), small.shape, (1.25, 1.25), half_pixel=True)[0].numpy()
+    np.testing.assert_allclose(ours, small, atol=1e-3)
+    big = cv2.resize(small, (53, 37), interpolation=cv2.INTER_LINEAR)
+    ours = resize_linear(tensor(small), (37, 53), (small.shape[0] / 37, small.shape[1] / 53), half_pixel=True)[0].numpy()
+    np.testing.assert_allclose(ours, big, atol=1e-3)
+
+
+def test_cubic_warp_matches_opencv_remap_with_zero_border():
+    image = (rng.random((37, 53)) * 255).astype(np.float32)
+    flow = rng.normal(0, 3, (2, 37, 53)).astype(np.float32)  # reaches outside the image at the edges
+    gy, gx = np.mgrid[:37, :53].astype(np.float32)
+    expected = cv2.remap(image, gx + flow[0], gy + flow[1], cv2.INTER_CUBIC)
+    ours = warp_cubic(torch.from_numpy(image)[None, None], tensor(flow[0]), tensor(flow[1]), a=-0.75, zero_border=True)
+    np.testing.assert_allclose(ours[0, 0].numpy(), expected, atol=1e-3)
+    # Whole-pixel flow samples the image itself (both kernels interpolate).
+    shift = warp_cubic(torch.from_numpy(image)[None, None], torch.ones(1, 37, 53), torch.zeros(1, 37, 53), a=-0.5, zero_border=False)
+    np.testing.assert_allclose(shift[0, 0, :, :-1].numpy(), image[:, 1:], atol=1e-3)
+    np.testing.assert_allclose(shift[0, 0, :, -1].numpy(), image[:, -1], atol=1e-3)  # edge repeated
+
+
+def test_median_and_gradient_match_opencv():
+    image = (rng.random((23, 31)) * 255).astype(np.float32)
+    assert np.array_equal(median5(tensor(image))[0].numpy(), cv2.medianBlur(image, 5))
+    dx, dy = (g[0].numpy() for g in centered_gradient(tensor(image)))
+    np.testing.assert_allclose(dx[:, 1:-1], 0.5 * (image[:, 2:] - image[:, :-2]), atol=1e-4)
+    np.testing.assert_allclose(dx[:, 0], 0.5 * (image[:, 1] - image[:, 0]), atol=1e-4)
+    np.testing.assert_allclose(dy[-1], 0.5 * (image[-1] - image[-2]), atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole solver
+
+
+@pytest.mark.parametrize("clip, short_side, pairs", [("bikes.mp4", 64, 3), ("bigbuckbunny.mp4", 64, 3), ("bikes.mp4", 128, 1)])
+def test_cpu_variant_matches_opencv_on_real_frames(clip, short_side, pairs):
+    frames = gray_frames(clip, short_side, pairs + 1)
+    expected = opencv_flow(frames)
+    ours = get_backend("torch").compute(frames)
+    assert ours.shape == expected.shape and ours.dtype == np.float32
+    error = epe(ours, expected)
+    # The noise floor of OpenCV itself is about 0.01-0.02 px mean (a 0.001 gray-level change).
+    assert error.mean() <= 0.05 and np.percentile(error, 99) <= 0.5, (error.mean(), np.percentile(error, 99))
+
+
+def known_motion(kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two gray frames of a real image and the exact flow from the first to the second."""
+    h, w = 72, 96
+    image = cv2.cvtColor(textured_image(272, 640), cv2.COLOR_RGB2GRAY)[:2 * h, 240:240 + 2 * w]  # a textured part
+    centre = (w - 0.5, h - 0.5)
+    matrix = {
+        "translate": np.float32([[1, 0, 1.7], [0, 1, -0.6]]),
+        "rotate": cv2.getRotationMatrix2D(centre, 2.0, 1.0),
+        "zoom": cv2.getRotationMatrix2D(centre, 0.0, 1.04),
+    }[kind]
+    moved = cv2.warpAffine(image, matrix, image.shape[::-1], flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT)
+    # A point p of the first frame is at M p in the second.
+    gy, gx = np.mgrid[:2 * h, :2 * w].astype(np.float64)
+    truth = np.stack([matrix[0, 0] * gx + matrix[0, 1] * gy + matrix[0, 2] - gx, matrix[1, 0] * gx + matrix[1, 1] * gy + matrix[1, 2] - gy], -1)
+    window = (slice(h // 2, h // 2 + h), slice(w // 2, w // 2 + w))
+    return np.stack([image[window], moved[window]]), truth[window].astype(np.float32), window
+
+
+@pytest.mark.parametrize("kind", ["translate", "rotate", "zoom"])
+def test_known_motion_no_worse_than_opencv(kind):
+    frames, truth, _ = known_motion(kind)
+    inner = (slice(8, -8), slice(8, -8))  # content entering at the edges is unknowable
+    opencv_error = epe(opencv_flow(frames)[0][inner], truth[inner]).mean()
+    torch_error = epe(get_backend("torch").compute(frames)[0][inner], truth[inner]).mean()
+    assert opencv_error < 0.3
+    assert torch_error <= opencv_error * 1.05 + 0.005, (torch_error, opencv_error)
+
+
+def test_cuda_variant_solves_known_motion_and_stops_by_epsilon():
+    frames, truth, _ = known_motion("translate")
+    inner = (slice(8, -8), slice(8, -8))
+    backend = get_backend("torch", {"variant": "cuda"})
+    assert backend.params["iterations"] == 300 and "median_filtering" not in backend.params
+    flow = backend.compute(frames)[0]
+    assert epe(flow[inner], truth[inner]).mean() < 0.3
+    # A loose epsilon stops early, so the flow differs from a run to the iteration limit.
+    loose = get_backend("torch", {"variant": "cuda", "epsilon": 0.5}).compute(frames)[0]
+    full = get_backend("torch", {"variant": "cuda", "epsilon": 0.0}).compute(frames)[0]
+    assert np.abs(loose - full).max() > 1e-3
+
+
+def test_a_pair_flow_does_not_depend_on_its_batch():
+    clip = gray_frames("bikes.mp4", 48, 4)
+    other = np.stack([cv2.resize(f, (clip.shape[2], clip.shape[1])) for f in gray_frames("bigbuckbunny.mp4", 48, 2)])
+    solver = TVL1Solver({"nscales": 3}, "cpu")
+    # Pairs that converge at different steps, solved together and one by one.
+    first = torch.from_numpy(np.concatenate([clip[:-1], other[:1], clip[:1]]))
+    second = torch.from_numpy(np.concatenate([clip[1:], other[1:], clip[:1]]))
+    together = solver.solve(first, second).numpy()
+    alone = np.stack([solver.solve(first[i:i + 1], second[i:i + 1]).numpy()[0] for i in range(len(first))])
+    assert np.array_equal(together, alone)
+    assert np.abs(together[-1]).max() < 0.05  # the static pair
+
+
+def test_params_and_errors():
+    assert torch_tvl1_params({}) == {"variant": "cpu", "tau": 0.25, "lambda": 0.15, "theta": 0.3, "nscales": 5, "warps": 5,
+                                     "epsilon": 0.01, "scale_step": 0.8, "gamma": 0.0, "inner_iterations": 30,
+                                     "outer_iterations": 10, "median_filtering": 5}
+    assert torch_tvl1_params({"variant": "cuda", "iterations": 50.0})["iterations"] == 50
+    with pytest.raises(ValueError, match="variant"):
+        torch_tvl1_params({"variant": "gpu"})
+    with pytest.raises(ValueError, match="iterations"):
+        torch_tvl1_params({"variant": "cpu", "iterations": 50})
+    with pytest.raises(ValueError, match="gamma"):
+        torch_tvl1_params({"gamma": 0.1})
+    backend = get_backend("torch", {"nscales": 1, "warps": 1})
+    assert backend.name == "torch" and backend.device == "cpu"
+    with pytest.raises(FlowError, match="uint8 gray"):
+        backend.compute(np.zeros((2, 8, 8), np.float32))
+    with pytest.raises(FlowError, match="too small"):
+        backend.compute(np.zeros((2, 2, 8), np.uint8))
+    assert backend.compute(np.zeros((1, 8, 8), np.uint8)).shape == (0, 8, 8, 2)
+
+
+def test_backend_choice_and_device():
+    on_gpu = torch.cuda.is_available()
+    assert resolve_backend_name("auto") == ("torch" if on_gpu else "opencv-cuda" if opencv_cuda_devices() else "opencv")
+    assert resolve_backend_name("auto", gpus=4) == "torch"
+    assert flow_device("opencv") == "cpu" and flow_device("torch", gpus=0) == "cpu" and flow_device("torch", gpus=2) == "cuda"
+    if not opencv_cuda_devices():
+        with pytest.raises(FlowError, match="OpenCV built with CUDA"):
+            get_backend("opencv-cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# batching across callers
+
+
+class CountingBackend:
+    """The real torch backend, recording how many pairs each ``solve`` call got."""
+
+    def __init__(self, backend):
+        self.backend, self.batches = backend, []
+        self.name, self.device, self.params = backend.name, backend.device, backend.params
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def max_batch(self, height, width):
+        return 12
+
+    def solve(self, first, second):
+        self.batches.append(len(first))
+        self.started.set()
+        self.release.wait()  # hold the first batch until every caller has queued
+        return self.backend.solve(first, second)
+
+
+def test_pair_batcher_solves_many_callers_together():
+    fast = get_backend("torch", {"nscales": 2, "warps": 2, "inner_iterations": 5, "outer_iterations": 2})
+    clips = [gray_frames("bikes.mp4", 40, 9)[i:i + 4] for i in range(6)] + [gray_frames("bigbuckbunny.mp4", 40, 4)]
+    counting = CountingBackend(fast)
+    batcher = PairBatcher(counting)
+    results = [None] * len(clips)
+
+    def call(i):
+        results[i] = batcher.compute(clips[i])
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(clips))]
+    threads[0].start()
+    counting.started.wait()
+    for t in threads[1:]:
+        t.start()
+    while sum(len(q) for q in batcher._queues.values()) < len(clips) - 1:
+        threading.Event().wait(0.001)
+    counting.release.set()
+    for t in threads:
+        t.join()
+    batcher.close()
+    for clip, flow in zip(clips, results):
+        assert np.array_equal(flow, fast.compute(clip))
+    # 3 pairs alone; then the 5 waiting callers of one size (15 pairs) in batches of at most 12,
+    # the fullest first, and the other size on its own.
+    assert counting.batches[:2] == [3, 12] and sorted(counting.batches[2:]) == [3, 3]
+    with pytest.raises(FlowError, match="too small"):
+        PairBatcher(fast).compute(np.zeros((3, 2, 2), np.uint8))
+
+
+# ---------------------------------------------------------------------------------------------
+# extraction with --flow torch
+
+
+@pytest.mark.ray
+def test_extract_with_torch_flow_is_the_same_in_process_and_on_ray(kinetics_folder, tmp_path):
+    from test_extract_cli import SMALL, flowprep
+
+    fast = "nscales=2,warps=2,inner_iterations=5,outer_iterations=2"
+    outputs = {}
+    for workers in (0, 2):
+        out = outputs[workers] = tmp_path / f"out{workers}"
+        flowprep("extract", "--src", kinetics_folder, "--out", out, "--workers", workers, "--flow", "torch", "--flow-params", fast, *SMALL)
+    dataset = json.loads((outputs[2] / "dataset.json").read_text())
+    assert dataset["flow"] == {"backend": "torch", "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    assert dataset["params"]["flow_params"]["variant"] == "cpu" and dataset["params"]["flow_params"]["warps"] == 2
+    assert "torch" in dataset["versions"]
+    shards = sorted(p.relative_to(outputs[0]) for p in (outputs[0] / "shards").iterdir())
+    assert shards and shards == sorted(p.relative_to(outputs[2]) for p in (outputs[2] / "shards").iterdir())
+    for shard in shards:
+        assert (outputs[0] / shard).read_bytes() == (outputs[2] / shard).read_bytes()

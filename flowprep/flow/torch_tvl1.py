@@ -19,6 +19,8 @@ a pair's flow does not depend on which pairs it was solved with.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -139,12 +141,46 @@ def divergence(px: torch.Tensor, py: torch.Tensor) -> torch.Tensor:
     return px - F.pad(px[:, :, :-1], (1, 0)) + py - F.pad(py[:, :-1], (0, 0, 1, 0))
 
 
+def _batcher_comparators(n: int) -> list[tuple[int, int]]:
+    """Batcher's odd-even merge sort for ``n`` (a power of two) wires: compare-exchange pairs."""
+    pairs = []
+    p = 1
+    while p < n:
+        k = p
+        while k >= 1:
+            for j in range(k % p, n - k, 2 * k):
+                for i in range(min(k, n - j - k)):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):
+                        pairs.append((i + j, i + j + k))
+            k //= 2
+        p *= 2
+    return pairs
+
+
+@functools.cache
+def median_network(count: int) -> list[tuple[int, int]]:
+    """Compare-exchange pairs that leave the median of ``count`` (odd) wires on wire ``count // 2``:
+    a sorting network padded with +inf wires, less every exchange the median does not depend on
+    (113 of them for 25 values)."""
+    size = 1 << (count - 1).bit_length()
+    needed, kept = {count // 2}, []
+    # The padding wires hold +inf throughout: the network only ever exchanges them upwards.
+    for i, j in reversed([(i, j) for i, j in _batcher_comparators(size) if j < count]):
+        if i in needed or j in needed:
+            kept.append((i, j))
+            needed |= {i, j}
+    return kept[::-1]
+
+
 def median5(x: torch.Tensor) -> torch.Tensor:
-    """5x5 median of ``[N, H, W]`` with edge pixels repeated (OpenCV's ``medianBlur``)."""
+    """5x5 median of ``[N, H, W]`` with edge pixels repeated (OpenCV's ``medianBlur``), exact,
+    by a selection network of elementwise min/max (several times faster than a sort)."""
     h, w = x.shape[1:]
     p = F.pad(x[:, None], (2, 2, 2, 2), mode="replicate")[:, 0]
-    windows = torch.stack([p[:, dy:dy + h, dx:dx + w] for dy in range(5) for dx in range(5)], dim=1)
-    return windows.median(dim=1).values
+    values = [p[:, dy:dy + h, dx:dx + w] for dy in range(5) for dx in range(5)]
+    for i, j in median_network(25):
+        values[i], values[j] = torch.minimum(values[i], values[j]), torch.maximum(values[i], values[j])
+    return values[12]
 
 
 def primal_dual_step(active, i1wx, i1wy, grad, rho_c, u1, u2, p11, p12, p21, p22, l_t: float, theta: float, taut: float):
@@ -178,8 +214,9 @@ def primal_dual_step(active, i1wx, i1wy, grad, rho_c, u1, u2, p11, p12, p21, p22
 class TVL1Solver:
     """Batched TV-L1 with resolved parameters (see :func:`torch_tvl1_params`) on ``device``.
 
-    ``compile`` runs the primal-dual step through ``torch.compile`` (one fused kernel on a GPU);
-    ``None`` compiles on CUDA only, where it pays for itself.
+    ``compile`` runs the primal-dual step and the median filter through ``torch.compile`` (a few
+    fused kernels instead of dozens of elementwise ones on a GPU); ``None`` compiles on CUDA only,
+    where it pays for itself. Compiled and eager runs give the same flow on the CPU (measured).
     """
 
     def __init__(self, params: dict, device: str | torch.device = "cpu", compile: bool | None = None):
@@ -188,6 +225,7 @@ class TVL1Solver:
         self.cuda_variant = self.params["variant"] == "cuda"
         compile = self.device.type == "cuda" if compile is None else compile
         self._step = torch.compile(primal_dual_step, dynamic=True) if compile else primal_dual_step
+        self._median = torch.compile(median5, dynamic=True) if compile else median5
 
     @torch.no_grad()
     def solve(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
@@ -244,7 +282,7 @@ class TVL1Solver:
             u1, u2, *duals = state
             if p["median_filtering"] > 1:
                 keep = active[:, None, None]
-                u1, u2 = torch.where(keep, median5(u1), u1), torch.where(keep, median5(u2), u2)
+                u1, u2 = torch.where(keep, self._median(u1), u1), torch.where(keep, self._median(u2), u2)
             state = (u1, u2, *duals)
             for k in range(p["inner_iterations"]):
                 if k and k % STEPS_PER_CHECK == 0 and not active.any():

@@ -67,8 +67,9 @@ def extract_options(f):
         click.option("--format", "fmt", default="arrow", show_default=True, type=click.Choice(["arrow", "hdf5"]), help="Shard file format."),
         click.option("--shard-size", default="1GiB", show_default=True, callback=lambda ctx, p, v: parse_size(v), help="Close a shard once it holds this many bytes (videos are never split)."),
         click.option("--chunk-frames", default=8, show_default=True, type=click.IntRange(min=1), help="Frames per stored batch and per flow task."),
-        click.option("--workers", type=click.IntRange(min=0), help="Flow workers (default: every CPU of the Ray cluster; 0: no Ray, this process only)."),
-        click.option("--decoders", type=click.IntRange(min=1), help="Decode workers (default: one per 16 flow workers)."),
+        click.option("--workers", type=click.IntRange(min=0), help="Flow workers (default: every CPU of the Ray cluster, or --gpu-share per GPU for a GPU backend; 0: no Ray, this process only)."),
+        click.option("--decoders", type=click.IntRange(min=1), help="Decode workers (default: one per 16 CPU flow workers, or per 4 CPUs beside GPU flow workers)."),
+        click.option("--gpu-share", default=1, show_default=True, type=click.IntRange(min=1), help="GPU flow workers per GPU; each gets that share of the GPU and of its memory."),
         click.option("--ray-address", envvar="RAY_ADDRESS", help="Ray cluster to use, e.g. auto (default: $RAY_ADDRESS, else a local Ray)."),
         click.option("--overwrite", is_flag=True, help="Delete an existing output in --out and start over."),
         click.option("--retry-failed", is_flag=True, help="On a rerun, try again the videos that failed in complete shards too."),
@@ -84,7 +85,7 @@ def extract_options(f):
 @extract_options
 def extract_command(src, out, annotations, trim, labels_file, limit, fps, short_side, max_frames, flow_backend, flow_params,
                     flow_bound, flow_dtype, rgb_codec, flow_codec, fmt, shard_size, chunk_frames, workers, decoders,
-                    ray_address, overwrite, retry_failed, allow_failures, progress):
+                    gpu_share, ray_address, overwrite, retry_failed, allow_failures, progress):
     """Decode, compute TV-L1 flow and write RGB + flow shards for every video under --src.
 
     A failed video is a line in OUT/failures.jsonl and the run goes on. Rerunning the same
@@ -104,7 +105,7 @@ def extract_command(src, out, annotations, trim, labels_file, limit, fps, short_
         raise click.UsageError(str(e)) from None
     try:
         report = extract(src, out, config, annotations=annotations, labels_file=labels_file, limit=limit, overwrite=overwrite,
-                         retry_failed=retry_failed, workers=workers, decoders=decoders, ray_address=ray_address, progress=progress)
+                         retry_failed=retry_failed, workers=workers, decoders=decoders, ray_address=ray_address, gpu_share=gpu_share, progress=progress)
     except (OutputMismatch, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
     print_summary(report, Path(out))

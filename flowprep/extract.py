@@ -162,6 +162,7 @@ def extract(
     workers: int | None = None,
     decoders: int | None = None,
     ray_address: str | None = None,
+    gpu_share: int = 1,
     progress: bool | None = None,
 ) -> ExtractReport:
     """Extract every video under ``src`` into shards under ``out``; see the CLI's ``extract --help``.
@@ -225,7 +226,7 @@ def extract(
         else:
             from flowprep.ray_runner import ray_video_chunks
 
-            results = ray_video_chunks(todo, config, workers, decoders, ray_address)
+            results = ray_video_chunks(todo, config, workers, decoders, ray_address, gpu_share)
         start = time.perf_counter()
         for spec, chunks in results:
             writer.begin_video({"video_id": spec.video_id, "label": spec.label, "label_index": label_map.get(spec.label, -1),

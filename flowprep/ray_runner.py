@@ -53,9 +53,9 @@ class WorkerError(VideoError):
 
 
 class FlowWorker:
-    def __init__(self, config: ExtractConfig, threads: int = 1):
+    def __init__(self, config: ExtractConfig, threads: int = 1, **options):
         self.config = config
-        backend = get_backend(config.flow_backend, config.flow_params, threads=threads)
+        backend = get_backend(config.flow_backend, config.flow_params, threads=threads, **options)
         self.backend = PairBatcher(backend) if getattr(backend, "batched", False) else backend
         log.info("flow worker: %s on %s", backend.name, backend.device)
 
@@ -156,11 +156,13 @@ def ray_video_chunks(
     workers: int | None = None,
     decoders: int | None = None,
     address: str | None = None,
+    gpu_share: int = 1,
 ) -> Iterator[tuple[VideoSpec, Iterator[VideoChunk]]]:
     """``(spec, chunks)`` for each video of ``specs``, in order, computed by Ray actors.
 
-    ``workers`` flow actors (default: one per GPU of the cluster for ``torch`` and ``opencv-cuda``
-    when it has GPUs, else one per CPU), ``decoders`` decode actors (default: one per 16 CPU flow
+    ``workers`` flow actors (default: ``gpu_share`` per GPU of the cluster for ``torch`` and
+    ``opencv-cuda`` when it has GPUs, each with that share of the GPU and of its memory, else one
+    per CPU), ``decoders`` decode actors (default: one per 16 CPU flow
     actors, or per 4 CPUs beside GPU flow actors). Consume each video's chunks before asking for
     the next. Chunk iterators raise :class:`VideoError` for a failed video. Ray is started and the
     actors are ready before this returns.
@@ -168,7 +170,7 @@ def ray_video_chunks(
     start_ray(address, workers)
     cpus, gpus = int(ray.cluster_resources().get("CPU", 0)), cluster_gpus()
     on_gpu = config.flow_backend == "opencv-cuda" or (config.flow_backend == "torch" and gpus > 0)
-    have, unit = (gpus, "GPUs") if on_gpu else (cpus, "CPUs")
+    have, unit = (gpus * gpu_share, f"GPU shares ({gpu_share} a GPU)") if on_gpu else (cpus, "CPUs")
     if workers and workers > have:
         raise ValueError(f"--workers {workers} needs {workers} {unit}; the Ray cluster has {have}")
     workers = workers or max(1, have)
@@ -176,15 +178,18 @@ def ray_video_chunks(
     # A batched backend takes many chunks at once (its PairBatcher solves them together); any
     # other holds one solver that must not be called from two threads.
     batched = getattr(BACKENDS[config.flow_backend], "batched", False)
+    options = {}
     if on_gpu:
         decoders = decoders or max(1, cpus // 4)
-        resources = {"num_cpus": 1, "num_gpus": 1, "max_concurrency": GPU_CHUNKS if batched else 1}
-        window = workers * GPU_VIDEOS + 2 * decoders
+        resources = {"num_cpus": 1, "num_gpus": 1 / gpu_share, "max_concurrency": GPU_CHUNKS if batched else 1}
+        window = workers * GPU_VIDEOS // gpu_share + 2 * decoders
+        if batched and gpu_share > 1:
+            options["memory_fraction"] = 1 / gpu_share
     else:
         decoders = decoders or max(1, workers // 16)
         resources = {"num_cpus": 1, "max_concurrency": 2 * FLOW_LOOKAHEAD if batched else 1}
         window = workers + 2 * decoders  # videos queued: with the lookahead, enough chunks for every worker
-    flow_workers = [ray.remote(FlowWorker).options(name=name, max_restarts=-1, **resources).remote(config) for name in names]
+    flow_workers = [ray.remote(FlowWorker).options(name=name, max_restarts=-1, **resources).remote(config, **options) for name in names]
     decode_workers = [
         ray.remote(DecodeWorker)  # a thread for each queued video and the one being written
         .options(num_cpus=0, max_restarts=-1, max_concurrency=-(-(window + 1) // decoders), scheduling_strategy="SPREAD")

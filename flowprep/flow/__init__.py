@@ -61,9 +61,10 @@ def flow_device(name: str, gpus: int | None = None) -> str:
     return "cuda"
 
 
-def get_backend(name: str, params: dict | None = None, threads: int = 1) -> FlowBackend:
-    """A ready backend instance; ``params`` are its solver parameters (unknown names are an error)."""
-    return BACKENDS[resolve_backend_name(name)](params or {}, threads=threads)
+def get_backend(name: str, params: dict | None = None, threads: int = 1, **options) -> FlowBackend:
+    """A ready backend instance; ``params`` are its solver parameters (unknown names are an error),
+    ``options`` where it runs (``torch``: ``device``, ``memory_fraction``)."""
+    return BACKENDS[resolve_backend_name(name)](params or {}, threads=threads, **options)
 
 
 def parse_flow_params(text: str | None) -> dict:

@@ -340,22 +340,26 @@ class TorchTVL1:
     resolve_params = staticmethod(torch_tvl1_params)
     batched = True
 
-    def __init__(self, params: dict | None = None, threads: int = 1, device: str | None = None):
+    def __init__(self, params: dict | None = None, threads: int = 1, device: str | None = None, memory_fraction: float = 1.0):
         if device is None or device == "auto":
             device = default_device()
         if torch.device(device).type == "cpu":
             torch.set_num_threads(threads)
+        elif memory_fraction < 1:  # this solver shares its GPU with others
+            torch.cuda.set_per_process_memory_fraction(memory_fraction, device)
+        self.memory_fraction = memory_fraction
         self.solver = TVL1Solver(params or {}, device)
         self.params = self.solver.params
         self.device = device_description(device)
         self._fits: dict[tuple[int, int], int] = {}  # (height, width) -> a batch size that fitted after running out of memory
 
     def max_batch(self, height: int, width: int) -> int:
-        """Pairs of this size to solve at once: by free GPU memory (and at most what has fitted
-        so far), or 16 on the CPU."""
+        """Pairs of this size to solve at once: by free GPU memory within this solver's share
+        (and at most what has fitted so far), or 16 on the CPU."""
         if self.solver.device.type != "cuda":
             return 16
-        free, _ = torch.cuda.mem_get_info(self.solver.device)
+        free, total = torch.cuda.mem_get_info(self.solver.device)
+        free = min(free, int(total * self.memory_fraction) - torch.cuda.memory_reserved(self.solver.device))
         return min(pairs_per_batch(height, width, free), self._fits.get((height, width), 1 << 30))
 
     def solve(self, first: np.ndarray, second: np.ndarray) -> np.ndarray:

@@ -167,7 +167,8 @@ def ray_video_chunks(
     the next. Chunk iterators raise :class:`VideoError` for a failed video. Ray is started and the
     actors are ready before this returns.
     """
-    start_ray(address, workers)
+    # --workers counts CPUs for the CPU solver only; GPU solvers leave every CPU to the decoders.
+    start_ray(address, workers if config.flow_backend == "opencv" else None)
     cpus, gpus = int(ray.cluster_resources().get("CPU", 0)), cluster_gpus()
     on_gpu = config.flow_backend == "opencv-cuda" or (config.flow_backend == "torch" and gpus > 0)
     have, unit = (gpus * gpu_share, f"GPU shares ({gpu_share} a GPU)") if on_gpu else (cpus, "CPUs")

@@ -29,6 +29,8 @@ from flowprep.flow.torch_tvl1 import (
 from flowprep.samples import sample_clip
 
 rng = np.random.default_rng(7)
+# The solver's tests run on the CPU everywhere, and on the GPU too where there is one.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def tensor(a: np.ndarray) -> torch.Tensor:
@@ -109,11 +111,12 @@ def test_median_and_gradient_match_opencv():
 # the whole solver
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("clip, short_side, pairs", [("bikes.mp4", 64, 3), ("bigbuckbunny.mp4", 64, 3), ("bikes.mp4", 128, 1)])
-def test_cpu_variant_matches_opencv_on_real_frames(clip, short_side, pairs):
+def test_cpu_variant_matches_opencv_on_real_frames(clip, short_side, pairs, device):
     frames = gray_frames(clip, short_side, pairs + 1)
     expected = opencv_flow(frames)
-    ours = get_backend("torch").compute(frames)
+    ours = get_backend("torch", device=device).compute(frames)
     assert ours.shape == expected.shape and ours.dtype == np.float32
     error = epe(ours, expected)
     # The noise floor of OpenCV itself is about 0.01-0.02 px mean (a 0.001 gray-level change).
@@ -161,15 +164,16 @@ def test_cuda_variant_solves_known_motion_and_stops_by_epsilon():
     assert np.abs(loose - full).max() > 1e-3
 
 
-def test_a_pair_flow_does_not_depend_on_its_batch():
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_pair_flow_does_not_depend_on_its_batch(device):
     clip = gray_frames("bikes.mp4", 48, 4)
     other = np.stack([cv2.resize(f, (clip.shape[2], clip.shape[1])) for f in gray_frames("bigbuckbunny.mp4", 48, 2)])
-    solver = TVL1Solver({"nscales": 3}, "cpu")
+    solver = TVL1Solver({"nscales": 3}, device)
     # Pairs that converge at different steps, solved together and one by one.
     first = torch.from_numpy(np.concatenate([clip[:-1], other[:1], clip[:1]]))
     second = torch.from_numpy(np.concatenate([clip[1:], other[1:], clip[:1]]))
-    together = solver.solve(first, second).numpy()
-    alone = np.stack([solver.solve(first[i:i + 1], second[i:i + 1]).numpy()[0] for i in range(len(first))])
+    together = solver.solve(first, second).cpu().numpy()
+    alone = np.stack([solver.solve(first[i:i + 1], second[i:i + 1]).cpu().numpy()[0] for i in range(len(first))])
     assert np.array_equal(together, alone)
     assert np.abs(together[-1]).max() < 0.05  # the static pair
 

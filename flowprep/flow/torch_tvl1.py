@@ -275,37 +275,71 @@ class TVL1Solver:
         """OpenCV CPU's loops: outer iterations, each a median filter and then inner iterations,
         each pair stopping as soon as its update falls to ``scaled_epsilon``."""
         p = self.params
-        active = torch.ones(data[0].shape[0], dtype=torch.bool, device=self.device)
+        live = _LivePairs(data, state)
         for _ in range(p["outer_iterations"]):
-            if not active.any():
+            if not live.prune():
                 break
-            u1, u2, *duals = state
             if p["median_filtering"] > 1:
-                keep = active[:, None, None]
-                u1, u2 = torch.where(keep, self._median(u1), u1), torch.where(keep, self._median(u2), u2)
-            state = (u1, u2, *duals)
+                keep = live.active[:, None, None]
+                u1, u2, *duals = live.state
+                live.state = [torch.where(keep, self._median(u1), u1), torch.where(keep, self._median(u2), u2), *duals]
             for k in range(p["inner_iterations"]):
-                if k and k % STEPS_PER_CHECK == 0 and not active.any():
+                if k and k % STEPS_PER_CHECK == 0 and not live.prune():
                     break
-                *state, change = self._step(active, *data, *state, l_t, p["theta"], taut)
-                active = active & (change > scaled_epsilon)
-        return state
+                *live.state, change = self._step(live.active, *live.data, *live.state, l_t, p["theta"], taut)
+                live.active = live.active & (change > scaled_epsilon)
+        return live.finish()
 
     def _iterate_cuda(self, data, state, scaled_epsilon, l_t, taut):
         """OpenCV CUDA's loop: up to ``iterations`` steps; the error is looked at on odd steps
         only, and only once the previous look, less ``scaled_epsilon`` a step, is below it."""
         p = self.params
-        n = data[0].shape[0]
-        active = torch.ones(n, dtype=torch.bool, device=self.device)
-        last_error = torch.zeros(n, dtype=torch.float64, device=self.device)
+        live = _LivePairs(data, state)
         for k in range(p["iterations"]):
-            if k and k % STEPS_PER_CHECK == 0 and not active.any():
+            if k and k % STEPS_PER_CHECK == 0 and not live.prune():
                 break
-            *state, change = self._step(active, *data, *state, l_t, p["theta"], taut)
-            looked = (k % 2 == 1) & (last_error < scaled_epsilon) & (p["epsilon"] > 0)
-            active = active & ~(looked & (change <= scaled_epsilon))
-            last_error = torch.where(looked, change, last_error - scaled_epsilon)
-        return state
+            *live.state, change = self._step(live.active, *live.data, *live.state, l_t, p["theta"], taut)
+            looked = (k % 2 == 1) & (live.last_error < scaled_epsilon) & (p["epsilon"] > 0)
+            live.active = live.active & ~(looked & (change <= scaled_epsilon))
+            live.last_error = torch.where(looked, change, live.last_error - scaled_epsilon)
+        return live.finish()
+
+
+class _LivePairs:
+    """The pairs of a batch still iterating, with their ``data`` and ``state`` (lists of ``[n, H,
+    W]`` tensors), ``active`` flags, ``last_error`` (the ``cuda`` variant's stopping rule) and
+    positions in the batch.
+
+    A pair that stops is frozen by the step's ``active`` mask until the next :meth:`prune`, which
+    copies its state out and drops it, so that it costs no more steps: a batch then runs about as
+    many steps as its pairs need on average, not as many as its slowest pair.
+    """
+
+    def __init__(self, data, state):
+        self.data, self.state = list(data), list(state)
+        self.result = list(state)  # the whole batch's state, filled in as pairs stop
+        n = state[0].shape[0]
+        self.active = torch.ones(n, dtype=torch.bool, device=state[0].device)
+        self.last_error = torch.zeros(n, dtype=torch.float64, device=state[0].device)
+        self.index = torch.arange(n, device=state[0].device)
+
+    def prune(self) -> bool:
+        """Drop the pairs that have stopped (waits for the device); False when none is left."""
+        if bool(self.active.all()):
+            return True
+        stopped, keep = self.index[~self.active], self.active
+        self._store(stopped, [s[~keep] for s in self.state])
+        self.index, self.active, self.last_error = self.index[keep], self.active[keep], self.last_error[keep]
+        self.data, self.state = [d[keep] for d in self.data], [s[keep] for s in self.state]
+        return len(self.index) > 0
+
+    def finish(self) -> list[torch.Tensor]:
+        """The whole batch's state, every pair as it stopped (or as the last step left it)."""
+        self._store(self.index, self.state)
+        return self.result
+
+    def _store(self, index, values) -> None:
+        self.result = [full.index_put((index,), value) for full, value in zip(self.result, values)]
 
 
 def default_device() -> str:

@@ -183,15 +183,16 @@ def median5(x: torch.Tensor) -> torch.Tensor:
     return values[12]
 
 
-def primal_dual_step(active, i1wx, i1wy, grad, rho_c, u1, u2, p11, p12, p21, p22, l_t: float, theta: float, taut: float):
+def primal_dual_step(active, i1wx, i1wy, rho_c, u1, u2, p11, p12, p21, p22, l_t: float, theta: float, taut: float):
     """One TV-L1 iteration for every pair of the batch (``[N, H, W]`` float32; ``active`` ``[N]``
     bool): the thresholding step, the flow update, then the dual update. Pairs not ``active`` keep
     their values. Returns the new state and each pair's summed squared flow update ``[N]`` float64.
     """
+    grad = i1wx * i1wx + i1wy * i1wy  # recomputed rather than read: memory traffic is the cost here
     rho = rho_c + i1wx * u1 + i1wy * u2
     bound = l_t * grad
-    safe_grad = torch.where(grad > torch.finfo(torch.float32).eps, grad, 1.0)
-    step = torch.where(rho < -bound, l_t, torch.where(rho > bound, -l_t, torch.where(grad > torch.finfo(torch.float32).eps, -rho / safe_grad, 0.0)))
+    has_grad = grad > torch.finfo(torch.float32).eps
+    step = torch.where(rho < -bound, l_t, torch.where(rho > bound, -l_t, torch.where(has_grad, -rho / torch.where(has_grad, grad, 1.0), 0.0)))
     new_u1 = u1 + step * i1wx + theta * divergence(p11, p12)
     new_u2 = u2 + step * i1wy + theta * divergence(p21, p22)
     change = ((new_u1 - u1).square() + (new_u2 - u2).square()).sum(dim=(1, 2), dtype=torch.float64)
@@ -264,11 +265,10 @@ class TVL1Solver:
         p11, p12, p21, p22 = (torch.zeros_like(i0) for _ in range(4))
         for _ in range(p["warps"]):
             i1w, i1wx, i1wy = warp_cubic(image, u1, u2, a=-0.5 if self.cuda_variant else -0.75, zero_border=not self.cuda_variant).unbind(1)
-            grad = i1wx.square() + i1wy.square()
             rho_c = i1w - i1wx * u1 - i1wy * u2 - i0
             state = (u1, u2, p11, p12, p21, p22)
             solve = self._iterate_cuda if self.cuda_variant else self._iterate_cpu
-            u1, u2, p11, p12, p21, p22 = solve((i1wx, i1wy, grad, rho_c), state, scaled_epsilon, l_t, taut)
+            u1, u2, p11, p12, p21, p22 = solve((i1wx, i1wy, rho_c), state, scaled_epsilon, l_t, taut)
         return u1, u2
 
     def _iterate_cpu(self, data, state, scaled_epsilon, l_t, taut):

@@ -7,30 +7,29 @@ import numpy as np
 
 from flowprep.errors import FlowError
 
-# flowprep's parameter names and OpenCV's defaults (opencv_contrib optflow/tvl1flow.cpp), in the
-# order of DualTVL1OpticalFlow_create's arguments.
-TVL1_DEFAULTS = {
-    "tau": 0.25,
-    "lambda": 0.15,
-    "theta": 0.3,
-    "nscales": 5,
-    "warps": 5,
-    "epsilon": 0.01,
-    "inner_iterations": 30,
-    "outer_iterations": 10,
-    "scale_step": 0.8,
-    "gamma": 0.0,
-    "median_filtering": 5,
-}
+# flowprep's parameter names and OpenCV's defaults (opencv_contrib optflow/tvl1flow.cpp and
+# cudaoptflow/tvl1flow.cpp), each in the order of its solver's create() arguments.
+_SHARED = {"tau": 0.25, "lambda": 0.15, "theta": 0.3, "nscales": 5, "warps": 5, "epsilon": 0.01}
+TVL1_DEFAULTS = {**_SHARED, "inner_iterations": 30, "outer_iterations": 10, "scale_step": 0.8, "gamma": 0.0, "median_filtering": 5}
+TVL1_CUDA_DEFAULTS = {**_SHARED, "iterations": 300, "scale_step": 0.8, "gamma": 0.0}
+
+
+def merge_params(params: dict, defaults: dict, solver: str = "TV-L1") -> dict:
+    """``params`` over ``defaults``, each value of its default's type; an unknown name is an error."""
+    unknown = sorted(set(params) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown {solver} parameters {unknown}; known: {sorted(defaults)}")
+    return {k: type(v)(params.get(k, v)) for k, v in defaults.items()}
 
 
 def tvl1_params(params: dict) -> dict:
-    """``params`` over the TV-L1 defaults; an unknown name is an error."""
-    unknown = sorted(set(params) - set(TVL1_DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown TV-L1 parameters {unknown}; known: {sorted(TVL1_DEFAULTS)}")
-    merged = {**TVL1_DEFAULTS, **params}
-    return {k: type(TVL1_DEFAULTS[k])(v) for k, v in merged.items()}
+    """``params`` over OpenCV CPU's TV-L1 defaults."""
+    return merge_params(params, TVL1_DEFAULTS)
+
+
+def tvl1_cuda_params(params: dict) -> dict:
+    """``params`` over OpenCV CUDA's TV-L1 defaults."""
+    return merge_params(params, TVL1_CUDA_DEFAULTS, "OpenCV CUDA TV-L1")
 
 
 def opencv_cuda_devices() -> int:
@@ -72,29 +71,6 @@ class OpenCVTVL1:
         return out
 
 
-# cv::cuda::OpticalFlowDual_TVL1's parameters and defaults (opencv_contrib cudaoptflow), in the
-# order of its create() arguments.
-TVL1_CUDA_DEFAULTS = {
-    "tau": 0.25,
-    "lambda": 0.15,
-    "theta": 0.3,
-    "nscales": 5,
-    "warps": 5,
-    "epsilon": 0.01,
-    "iterations": 300,
-    "scale_step": 0.8,
-    "gamma": 0.0,
-}
-
-
-def tvl1_cuda_params(params: dict) -> dict:
-    """``params`` over OpenCV CUDA's TV-L1 defaults; an unknown name is an error."""
-    unknown = sorted(set(params) - set(TVL1_CUDA_DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown OpenCV CUDA TV-L1 parameters {unknown}; known: {sorted(TVL1_CUDA_DEFAULTS)}")
-    return {k: type(v)(params.get(k, v)) for k, v in TVL1_CUDA_DEFAULTS.items()}
-
-
 class OpenCVCudaTVL1:
     """``cv2.cuda.OpticalFlowDual_TVL1``: needs an OpenCV built with CUDA (docker/Dockerfile.opencv-cuda);
     the pip wheels have none. One GPU per instance, chosen by ``gpu``."""
@@ -109,7 +85,7 @@ class OpenCVCudaTVL1:
         self.params = tvl1_cuda_params(params or {})
         cv2.setNumThreads(threads)
         cv2.cuda.setDevice(gpu)
-        self.device = f"cuda:{gpu} ({cv2.cuda.DeviceInfo(gpu).name()})"
+        self.device = f"cuda:{gpu}"  # OpenCV's Python bindings do not expose the device name
         self._solver = cv2.cuda.OpticalFlowDual_TVL1.create(*self.params.values())
         self._first, self._second = cv2.cuda.GpuMat(), cv2.cuda.GpuMat()
 

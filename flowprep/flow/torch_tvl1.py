@@ -26,12 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from flowprep.errors import FlowError
+from flowprep.flow.opencv import TVL1_CUDA_DEFAULTS, TVL1_DEFAULTS, merge_params
 
-COMMON = {"tau": 0.25, "lambda": 0.15, "theta": 0.3, "nscales": 5, "warps": 5, "epsilon": 0.01, "scale_step": 0.8, "gamma": 0.0}
-VARIANT_DEFAULTS = {
-    "cpu": {**COMMON, "inner_iterations": 30, "outer_iterations": 10, "median_filtering": 5},
-    "cuda": {**COMMON, "iterations": 300},
-}
+# Each variant takes the parameters of the OpenCV solver it follows.
+VARIANT_DEFAULTS = {"cpu": TVL1_DEFAULTS, "cuda": TVL1_CUDA_DEFAULTS}
 # Below this size OpenCV stops adding pyramid levels.
 MIN_LEVEL_SIZE = 16
 # The steps between checks whether every pair of a batch has stopped (each check waits for the GPU).
@@ -43,11 +41,7 @@ def torch_tvl1_params(params: dict) -> dict:
     variant = params.get("variant", "cpu")
     if variant not in VARIANT_DEFAULTS:
         raise ValueError(f"unknown TV-L1 variant {variant!r}; choose cpu or cuda")
-    defaults = VARIANT_DEFAULTS[variant]
-    unknown = sorted(set(params) - set(defaults) - {"variant"})
-    if unknown:
-        raise ValueError(f"unknown TV-L1 parameters for variant {variant} {unknown}; known: {sorted(defaults)}")
-    merged = {k: type(v)(params.get(k, v)) for k, v in defaults.items()}
+    merged = merge_params({k: v for k, v in params.items() if k != "variant"}, VARIANT_DEFAULTS[variant], f"TV-L1 (variant {variant})")
     if merged["gamma"] != 0:
         raise ValueError("the torch TV-L1 solves the brightness-constancy model only: gamma must be 0")
     if merged.get("median_filtering", 1) not in (0, 1, 5):

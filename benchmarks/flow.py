@@ -157,7 +157,7 @@ def opencv_cpu(pool, first: np.ndarray, second: np.ndarray, repeat: int) -> tupl
 class StepCounter:
     """Counts the primal-dual steps of a :class:`TVL1Solver` per pyramid level ``(h, w)``, summed
     over pairs: the steps run on each pair of a batch, and those a pair was still active in (a
-    pair that has stopped is carried along until its batch stops, but no longer changes).
+    pair that has stopped is carried along, frozen, until the solver's next check drops it).
     Installed over the solver's ``_step`` for one run."""
 
     def __init__(self, solver: TVL1Solver):

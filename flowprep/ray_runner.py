@@ -5,7 +5,7 @@
   loaded flow actor as soon as it exists, keeps ``FLOW_LOOKAHEAD`` of them in flight per video,
   and yields the finished chunks in order.
 * ``FlowWorker`` holds one flow backend and turns chunks into stored bytes. On the CPU it takes
-  one core and a chunk at a time. On a GPU it takes the whole GPU and many chunks at once (a
+  one core and a chunk at a time. On a GPU it takes the GPU (or its share) and many chunks at once (a
   thread each): their pairs are solved in shared batches (:class:`PairBatcher`) while the
   threads encode finished chunks, and the driver keeps ``GPU_VIDEOS`` videos in flight for it.
 * The driver keeps a bounded window of videos in flight and consumes them in input order; each
@@ -60,7 +60,13 @@ class FlowWorker:
         log.info("flow worker: %s on %s", backend.name, backend.device)
 
     def flow(self, chunk: VideoChunk) -> VideoChunk:
-        return flow_chunk(chunk, self.backend, self.config)
+        try:
+            return flow_chunk(chunk, self.backend, self.config)
+        finally:
+            if isinstance(self.backend, PairBatcher) and not self.backend.alive:
+                # Its solver thread died: a fresh process (Ray restarts the actor) instead of
+                # failing every chunk still to come.
+                os._exit(1)
 
     def device(self) -> str:
         return self.backend.device
@@ -171,6 +177,8 @@ def ray_video_chunks(
     start_ray(address, workers if config.flow_backend == "opencv" else None)
     cpus, gpus = int(ray.cluster_resources().get("CPU", 0)), cluster_gpus()
     on_gpu = config.flow_backend == "opencv-cuda" or (config.flow_backend == "torch" and gpus > 0)
+    if on_gpu and not gpus:
+        raise ValueError(f"--flow {config.flow_backend} needs a GPU; the Ray cluster has none")
     have, unit = (gpus * gpu_share, f"GPU shares ({gpu_share} a GPU)") if on_gpu else (cpus, "CPUs")
     if workers and workers > have:
         raise ValueError(f"--workers {workers} needs {workers} {unit}; the Ray cluster has {have}")

@@ -20,7 +20,7 @@ from flowprep.flow.opencv import opencv_cuda_devices
 from flowprep.flow.torch_tvl1 import (
     TVL1Solver,
     centered_gradient,
-    median5,
+    median_filter,
     pyramid_sizes,
     resize_linear,
     torch_tvl1_params,
@@ -100,7 +100,8 @@ def test_median_and_gradient_match_opencv():
     image = (rng.random((23, 31)) * 255).astype(np.float32)
     ties = rng.integers(0, 4, (23, 31)).astype(np.float32)
     for values in (image, ties):
-        assert np.array_equal(median5(tensor(values))[0].numpy(), cv2.medianBlur(values, 5))
+        for size in (3, 5):
+            assert np.array_equal(median_filter(tensor(values), size)[0].numpy(), cv2.medianBlur(values, size))
     dx, dy = (g[0].numpy() for g in centered_gradient(tensor(image)))
     np.testing.assert_allclose(dx[:, 1:-1], 0.5 * (image[:, 2:] - image[:, :-2]), atol=1e-4)
     np.testing.assert_allclose(dx[:, 0], 0.5 * (image[:, 1] - image[:, 0]), atol=1e-4)
@@ -164,11 +165,12 @@ def test_cuda_variant_solves_known_motion_and_stops_by_epsilon():
     assert np.abs(loose - full).max() > 1e-3
 
 
+@pytest.mark.parametrize("variant", ["cpu", "cuda"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_pair_flow_does_not_depend_on_its_batch(device):
+def test_a_pair_flow_does_not_depend_on_its_batch(device, variant):
     clip = gray_frames("bikes.mp4", 48, 4)
     other = np.stack([cv2.resize(f, (clip.shape[2], clip.shape[1])) for f in gray_frames("bigbuckbunny.mp4", 48, 2)])
-    solver = TVL1Solver({"nscales": 3}, device)
+    solver = TVL1Solver({"variant": variant, "nscales": 3}, device)
     # Pairs that converge at different steps, solved together and one by one.
     first = torch.from_numpy(np.concatenate([clip[:-1], other[:1], clip[:1]]))
     second = torch.from_numpy(np.concatenate([clip[1:], other[1:], clip[:1]]))
@@ -198,10 +200,41 @@ def test_params_and_errors():
     assert backend.compute(np.zeros((1, 8, 8), np.uint8)).shape == (0, 8, 8, 2)
 
 
+def test_compiled_solver_gives_the_eager_flow():
+    # What the GPU runs by default, checked on the CPU: torch.compile with dynamic shapes over
+    # pyramid levels and batches that shrink as pairs stop.
+    frames = gray_frames("bikes.mp4", 24, 4)
+    first, second = torch.from_numpy(frames[:-1]), torch.from_numpy(frames[1:])
+    params = {"nscales": 2, "warps": 2, "outer_iterations": 3}
+    eager = TVL1Solver(params, "cpu", compile=False).solve(first, second)
+    compiled = TVL1Solver(params, "cpu", compile=True).solve(first, second)
+    assert torch.allclose(eager, compiled, atol=1e-4)
+
+
+def test_a_batch_out_of_memory_is_solved_in_halves():
+    backend = get_backend("torch", {"nscales": 2, "warps": 1, "outer_iterations": 1})
+    frames = gray_frames("bikes.mp4", 24, 11)
+    expected = backend.compute(frames)
+    solve, sizes = backend.solver.solve, []
+
+    def small_memory(first, second):
+        sizes.append(len(first))
+        if len(first) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return solve(first, second)
+
+    backend.solver.solve = small_memory
+    assert np.array_equal(backend.compute(frames), expected)
+    assert sizes == [10, 5, 2, 2, 2, 2, 2] and backend.max_batch(*frames.shape[1:]) == 2
+
+
 def test_backend_choice_and_device():
     on_gpu = torch.cuda.is_available()
     assert resolve_backend_name("auto") == ("torch" if on_gpu else "opencv-cuda" if opencv_cuda_devices() else "opencv")
     assert resolve_backend_name("auto", gpus=4) == "torch"
+    assert resolve_backend_name("auto", gpus=0) == "opencv"  # a cluster without GPUs
+    with pytest.raises(ValueError, match="whole numbers"):
+        get_backend("torch", {"warps": 2.5})
     assert flow_device("opencv") == "cpu" and flow_device("torch", gpus=0) == "cpu" and flow_device("torch", gpus=2) == "cuda"
     if not opencv_cuda_devices():
         with pytest.raises(FlowError, match="OpenCV built with CUDA"):
@@ -216,7 +249,7 @@ class CountingBackend:
     """The real torch backend, recording how many pairs each ``solve`` call got."""
 
     def __init__(self, backend):
-        self.backend, self.batches = backend, []
+        self.backend, self.batches, self.shapes = backend, [], []
         self.name, self.device, self.params = backend.name, backend.device, backend.params
         self.started = threading.Event()
         self.release = threading.Event()
@@ -226,6 +259,7 @@ class CountingBackend:
 
     def solve(self, first, second):
         self.batches.append(len(first))
+        self.shapes.append(first.shape[1:])
         self.started.set()
         self.release.wait()  # hold the first batch until every caller has queued
         return self.backend.solve(first, second)
@@ -261,6 +295,51 @@ def test_pair_batcher_solves_many_callers_together():
         PairBatcher(fast).compute(np.zeros((3, 2, 2), np.uint8))
 
 
+def test_a_rare_frame_size_waits_at_most_a_few_batches():
+    fast = get_backend("torch", {"nscales": 1, "warps": 1, "inner_iterations": 2, "outer_iterations": 1})
+    counting = CountingBackend(fast)
+    counting.max_batch = lambda height, width: 3  # one request a batch
+    batcher = PairBatcher(counting)
+    common, rare = np.zeros((4, 16, 24), np.uint8), np.zeros((4, 24, 16), np.uint8)
+    threads = [threading.Thread(target=batcher.compute, args=(frames,)) for frames in [common, rare] + [common] * 8]
+    threads[0].start()
+    counting.started.wait()
+    for queued, t in enumerate(threads[1:], start=1):
+        t.start()
+        while sum(len(q) for q in batcher._queues.values()) < queued:  # in this order
+            threading.Event().wait(0.001)
+    counting.release.set()
+    for t in threads:
+        t.join()
+    batcher.close()
+    # The common size has more pairs waiting every time, yet the rare one goes fifth after the
+    # first batch: MAX_WAIT_BATCHES (4) batches after it came.
+    assert [shape[1] for shape in counting.shapes] == [24] * 5 + [16] + [24] * 4
+
+
+class FailingBackend(CountingBackend):
+    def solve(self, first, second):
+        if len(first) == 2:
+            raise RuntimeError("solver exploded")
+        return self.backend.solve(first, second)
+
+
+def test_pair_batcher_turns_solver_errors_into_flow_errors():
+    backend = FailingBackend(get_backend("torch", {"nscales": 1, "warps": 1, "inner_iterations": 2, "outer_iterations": 1}))
+    batcher = PairBatcher(backend)
+    with pytest.raises(FlowError, match="solver exploded"):
+        batcher.compute(np.zeros((3, 16, 16), np.uint8))
+    assert batcher.alive and batcher.compute(np.zeros((4, 16, 16), np.uint8)).shape == (3, 16, 16, 2)
+    # An error outside a batch's solve stops the thread: the waiting caller hears of it.
+    backend.max_batch = lambda height, width: 1 / 0
+    with pytest.raises(FlowError, match="ZeroDivisionError"):
+        batcher.compute(np.zeros((4, 16, 16), np.uint8))
+    batcher._thread.join()
+    assert not batcher.alive
+    with pytest.raises(FlowError, match="closed"):
+        batcher.compute(np.zeros((4, 16, 16), np.uint8))
+
+
 # ---------------------------------------------------------------------------------------------
 # extraction with --flow torch
 
@@ -273,12 +352,45 @@ def test_extract_with_torch_flow_is_the_same_in_process_and_on_ray(kinetics_fold
     outputs = {}
     for workers in (0, 2):
         out = outputs[workers] = tmp_path / f"out{workers}"
-        flowprep("extract", "--src", kinetics_folder, "--out", out, "--workers", workers, "--flow", "torch", "--flow-params", fast, *SMALL)
+        ray_workers = ["--workers", workers] if workers == 0 or not torch.cuda.is_available() else []  # a GPU: one worker
+        flowprep("extract", "--src", kinetics_folder, "--out", out, *ray_workers, "--flow", "torch", "--flow-params", fast, *SMALL)
     dataset = json.loads((outputs[2] / "dataset.json").read_text())
-    assert dataset["flow"] == {"backend": "torch", "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    assert dataset["flow"]["backend"] == "torch"
+    assert dataset["flow"]["device"].startswith("cuda" if torch.cuda.is_available() else "cpu")
     assert dataset["params"]["flow_params"]["variant"] == "cpu" and dataset["params"]["flow_params"]["warps"] == 2
     assert "torch" in dataset["versions"]
     shards = sorted(p.relative_to(outputs[0]) for p in (outputs[0] / "shards").iterdir())
     assert shards and shards == sorted(p.relative_to(outputs[2]) for p in (outputs[2] / "shards").iterdir())
     for shard in shards:
         assert (outputs[0] / shard).read_bytes() == (outputs[2] / shard).read_bytes()
+
+
+@pytest.mark.ray
+def test_gpu_flow_workers_wiring_on_a_cluster_that_declares_a_gpu(kinetics_folder, tmp_path):
+    """A local Ray with one (declared) GPU runs the GPU wiring: one threaded flow actor holding a
+    GPU and batching across videos, many videos in flight. Its torch solves on whatever device it
+    sees (the CPU here), and the shards are the bytes of an in-process run."""
+    import ray
+
+    from flowprep.extract import extract
+    from flowprep.pipeline import ExtractConfig
+    from flowprep.ray_runner import ray_video_chunks
+
+    config = ExtractConfig(short_side=48, max_frames=10, chunk_frames=4, flow_backend="torch",
+                           flow_params={"nscales": 2, "warps": 2, "inner_iterations": 5, "outer_iterations": 2})
+    extract(kinetics_folder, tmp_path / "local", config, workers=0, progress=False)
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="WARNING")
+    try:
+        report = extract(kinetics_folder, tmp_path / "gpu", config, progress=False)
+    finally:
+        ray.shutdown()
+    assert report.written == 4 and report.failed == 0
+    shards = sorted(p.name for p in (tmp_path / "local" / "shards").iterdir())
+    for name in shards:
+        assert (tmp_path / "local" / "shards" / name).read_bytes() == (tmp_path / "gpu" / "shards" / name).read_bytes()
+    ray.init(num_cpus=1, num_gpus=0, include_dashboard=False, logging_level="WARNING")
+    try:
+        with pytest.raises(ValueError, match="needs a GPU; the Ray cluster has none"):
+            ray_video_chunks([], ExtractConfig(flow_backend="opencv-cuda"))
+    finally:
+        ray.shutdown()

@@ -40,7 +40,7 @@ def resolve_backend_name(name: str, gpus: int | None = None) -> str:
     if name == "auto":
         if gpus or (gpus is None and default_device() == "cuda"):
             name = "torch"
-        elif opencv_cuda_devices():
+        elif gpus is None and opencv_cuda_devices():  # this machine's OpenCV, for a run on this machine
             name = "opencv-cuda"
         else:
             name = "opencv"

@@ -15,11 +15,16 @@ TVL1_CUDA_DEFAULTS = {**_SHARED, "iterations": 300, "scale_step": 0.8, "gamma": 
 
 
 def merge_params(params: dict, defaults: dict, solver: str = "TV-L1") -> dict:
-    """``params`` over ``defaults``, each value of its default's type; an unknown name is an error."""
+    """``params`` over ``defaults``, each value of its default's type; an unknown name, or a
+    fraction where a count is expected, is an error."""
     unknown = sorted(set(params) - set(defaults))
     if unknown:
         raise ValueError(f"unknown {solver} parameters {unknown}; known: {sorted(defaults)}")
-    return {k: type(v)(params.get(k, v)) for k, v in defaults.items()}
+    merged = {k: type(v)(params.get(k, v)) for k, v in defaults.items()}
+    fractional = sorted(k for k, v in merged.items() if isinstance(v, int) and v != params.get(k, v))
+    if fractional:
+        raise ValueError(f"{solver} parameters {fractional} must be whole numbers")
+    return merged
 
 
 def tvl1_params(params: dict) -> dict:
@@ -40,7 +45,8 @@ def opencv_cuda_devices() -> int:
         return 0
 
 
-def _check_frames(frames: np.ndarray) -> None:
+def check_gray_frames(frames: np.ndarray) -> None:
+    """Raise :class:`FlowError` unless ``frames`` is ``[T, H, W]`` uint8."""
     if frames.ndim != 3 or frames.dtype != np.uint8:
         raise FlowError(f"expected [T, H, W] uint8 gray frames, got {frames.shape} {frames.dtype}")
 
@@ -63,7 +69,7 @@ class OpenCVTVL1:
 
     def compute(self, frames: np.ndarray) -> np.ndarray:
         """``[T, H, W] uint8`` gray to ``[T-1, H, W, 2] float32`` pixels (x right, y down)."""
-        _check_frames(frames)
+        check_gray_frames(frames)
         t, h, w = frames.shape
         out = np.empty((max(t - 1, 0), h, w, 2), np.float32)
         for i in range(t - 1):
@@ -91,7 +97,7 @@ class OpenCVCudaTVL1:
 
     def compute(self, frames: np.ndarray) -> np.ndarray:
         """``[T, H, W] uint8`` gray to ``[T-1, H, W, 2] float32`` pixels (x right, y down)."""
-        _check_frames(frames)
+        check_gray_frames(frames)
         t, h, w = frames.shape
         out = np.empty((max(t - 1, 0), h, w, 2), np.float32)
         for i in range(t - 1):

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from flowprep.errors import FlowError
-from flowprep.flow.opencv import TVL1_CUDA_DEFAULTS, TVL1_DEFAULTS, merge_params
+from flowprep.flow.opencv import TVL1_CUDA_DEFAULTS, TVL1_DEFAULTS, check_gray_frames, merge_params
 
 # Each variant takes the parameters of the OpenCV solver it follows.
 VARIANT_DEFAULTS = {"cpu": TVL1_DEFAULTS, "cuda": TVL1_CUDA_DEFAULTS}
@@ -44,8 +44,8 @@ def torch_tvl1_params(params: dict) -> dict:
     merged = merge_params({k: v for k, v in params.items() if k != "variant"}, VARIANT_DEFAULTS[variant], f"TV-L1 (variant {variant})")
     if merged["gamma"] != 0:
         raise ValueError("the torch TV-L1 solves the brightness-constancy model only: gamma must be 0")
-    if merged.get("median_filtering", 1) not in (0, 1, 5):
-        raise ValueError("median_filtering must be 0, 1 (off) or 5, as in OpenCV")
+    if merged.get("median_filtering", 1) not in (0, 1, 3, 5):
+        raise ValueError("median_filtering must be 0 or 1 (off), 3 or 5, as OpenCV takes for float images")
     return {"variant": variant, **merged}
 
 
@@ -97,7 +97,8 @@ def _cubic_weights(t: torch.Tensor, a: float) -> list[torch.Tensor]:
 def warp_cubic(images: torch.Tensor, flow_x: torch.Tensor, flow_y: torch.Tensor, a: float, zero_border: bool) -> torch.Tensor:
     """Sample ``[N, C, H, W]`` images at ``(x + flow_x, y + flow_y)`` (``[N, H, W]`` pixels) with a
     4x4 cubic kernel of parameter ``a``. Taps outside the image are 0 (``zero_border``, OpenCV's
-    ``remap`` default) or the nearest edge pixel (OpenCV CUDA's clamped texture)."""
+    ``remap`` default), or the nearest edge pixel with the result divided by the weights' sum
+    (OpenCV CUDA's clamped texture and normalisation)."""
     n, c, h, w = images.shape
     gy, gx = torch.meshgrid(torch.arange(h, device=images.device), torch.arange(w, device=images.device), indexing="ij")
     px, py = gx + flow_x, gy + flow_y
@@ -106,6 +107,7 @@ def warp_cubic(images: torch.Tensor, flow_x: torch.Tensor, flow_y: torch.Tensor,
     ix, iy = ix.long(), iy.long()
     flat = images.reshape(n, c, h * w)
     out = torch.zeros_like(images)
+    total = torch.zeros_like(flow_x)
     for j, dy in enumerate(range(-1, 3)):
         ty = iy + dy
         for i, dx in enumerate(range(-1, 3)):
@@ -115,7 +117,8 @@ def warp_cubic(images: torch.Tensor, flow_x: torch.Tensor, flow_y: torch.Tensor,
                 weight = weight * ((tx >= 0) & (tx < w) & (ty >= 0) & (ty < h))
             index = (ty.clamp(0, h - 1) * w + tx.clamp(0, w - 1)).reshape(n, 1, h * w).expand(n, c, h * w)
             out += weight[:, None] * torch.gather(flat, 2, index).reshape(n, c, h, w)
-    return out
+            total += weight
+    return out if zero_border else out * (1 / total)[:, None]
 
 
 def centered_gradient(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,7 +135,7 @@ def forward_gradient(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def divergence(px: torch.Tensor, py: torch.Tensor) -> torch.Tensor:
     """Backward-difference divergence of the field ``(px, py)``, taken as 0 outside the image
     (the adjoint of :func:`forward_gradient`)."""
-    return px - F.pad(px[:, :, :-1], (1, 0)) + py - F.pad(py[:, :-1], (0, 0, 1, 0))
+    return (px - F.pad(px[:, :, :-1], (1, 0))) + (py - F.pad(py[:, :-1], (0, 0, 1, 0)))
 
 
 def _batcher_comparators(n: int) -> list[tuple[int, int]]:
@@ -166,15 +169,17 @@ def median_network(count: int) -> list[tuple[int, int]]:
     return kept[::-1]
 
 
-def median5(x: torch.Tensor) -> torch.Tensor:
-    """5x5 median of ``[N, H, W]`` with edge pixels repeated (OpenCV's ``medianBlur``), exact,
-    by a selection network of elementwise min/max (several times faster than a sort)."""
+def median_filter(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``size`` x ``size`` median of ``[N, H, W]`` with edge pixels repeated (OpenCV's
+    ``medianBlur``, which takes 3 or 5 for float images), exact, by a selection network of
+    elementwise min/max (several times faster than a sort)."""
     h, w = x.shape[1:]
-    p = F.pad(x[:, None], (2, 2, 2, 2), mode="replicate")[:, 0]
-    values = [p[:, dy:dy + h, dx:dx + w] for dy in range(5) for dx in range(5)]
-    for i, j in median_network(25):
+    r = size // 2
+    p = F.pad(x[:, None], (r, r, r, r), mode="replicate")[:, 0]
+    values = [p[:, dy:dy + h, dx:dx + w] for dy in range(size) for dx in range(size)]
+    for i, j in median_network(size * size):
         values[i], values[j] = torch.minimum(values[i], values[j]), torch.maximum(values[i], values[j])
-    return values[12]
+    return values[size * size // 2]
 
 
 def primal_dual_step(active, i1wx, i1wy, rho_c, u1, u2, p11, p12, p21, p22, l_t: float, theta: float, taut: float):
@@ -183,7 +188,7 @@ def primal_dual_step(active, i1wx, i1wy, rho_c, u1, u2, p11, p12, p21, p22, l_t:
     their values. Returns the new state and each pair's summed squared flow update ``[N]`` float64.
     """
     grad = i1wx * i1wx + i1wy * i1wy  # recomputed rather than read: memory traffic is the cost here
-    rho = rho_c + i1wx * u1 + i1wy * u2
+    rho = rho_c + (i1wx * u1 + i1wy * u2)
     bound = l_t * grad
     has_grad = grad > torch.finfo(torch.float32).eps
     step = torch.where(rho < -bound, l_t, torch.where(rho > bound, -l_t, torch.where(has_grad, -rho / torch.where(has_grad, grad, 1.0), 0.0)))
@@ -220,7 +225,7 @@ class TVL1Solver:
         self.cuda_variant = self.params["variant"] == "cuda"
         compile = self.device.type == "cuda" if compile is None else compile
         self._step = torch.compile(primal_dual_step, dynamic=True) if compile else primal_dual_step
-        self._median = torch.compile(median5, dynamic=True) if compile else median5
+        self._median = torch.compile(median_filter, dynamic=True) if compile else median_filter
 
     @torch.no_grad()
     def solve(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
@@ -245,8 +250,9 @@ class TVL1Solver:
             if s:
                 (h, w), (fine_h, fine_w) = sizes[s], sizes[s - 1]
                 scale = (h / fine_h, w / fine_w)
-                u1 = resize_linear(u1, sizes[s - 1], scale, half_pixel) / p["scale_step"]
-                u2 = resize_linear(u2, sizes[s - 1], scale, half_pixel) / p["scale_step"]
+                # Multiplied by the reciprocal, as OpenCV does: dividing rounds differently.
+                u1 = resize_linear(u1, sizes[s - 1], scale, half_pixel) * (1 / p["scale_step"])
+                u2 = resize_linear(u2, sizes[s - 1], scale, half_pixel) * (1 / p["scale_step"])
         return torch.stack([u1, u2], dim=-1)
 
     def _solve_level(self, i0, i1, u1, u2):
@@ -258,7 +264,8 @@ class TVL1Solver:
         image = torch.stack([i1, i1x, i1y], dim=1)
         p11, p12, p21, p22 = (torch.zeros_like(i0) for _ in range(4))
         for _ in range(p["warps"]):
-            i1w, i1wx, i1wy = warp_cubic(image, u1, u2, a=-0.5 if self.cuda_variant else -0.75, zero_border=not self.cuda_variant).unbind(1)
+            warped = warp_cubic(image, u1, u2, a=-0.5 if self.cuda_variant else -0.75, zero_border=not self.cuda_variant)
+            i1w, i1wx, i1wy = (x.contiguous() for x in warped.unbind(1))
             rho_c = i1w - i1wx * u1 - i1wy * u2 - i0
             state = (u1, u2, p11, p12, p21, p22)
             solve = self._iterate_cuda if self.cuda_variant else self._iterate_cpu
@@ -276,7 +283,8 @@ class TVL1Solver:
             if p["median_filtering"] > 1:
                 keep = live.active[:, None, None]
                 u1, u2, *duals = live.state
-                live.state = [torch.where(keep, self._median(u1), u1), torch.where(keep, self._median(u2), u2), *duals]
+                size = p["median_filtering"]
+                live.state = [torch.where(keep, self._median(u1, size), u1), torch.where(keep, self._median(u2, size), u2), *duals]
             for k in range(p["inner_iterations"]):
                 if k and k % STEPS_PER_CHECK == 0 and not live.prune():
                     break
@@ -382,22 +390,27 @@ class TorchTVL1:
         self._fits: dict[tuple[int, int], int] = {}  # (height, width) -> a batch size that fitted after running out of memory
 
     def max_batch(self, height: int, width: int) -> int:
-        """Pairs of this size to solve at once: by free GPU memory within this solver's share
-        (and at most what has fitted so far), or 16 on the CPU."""
-        if self.solver.device.type != "cuda":
-            return 16
-        free, total = torch.cuda.mem_get_info(self.solver.device)
-        free = min(free, int(total * self.memory_fraction) - torch.cuda.memory_reserved(self.solver.device))
-        return min(pairs_per_batch(height, width, free), self._fits.get((height, width), 1 << 30))
+        """Pairs of this size to solve at once: 16 on the CPU; on a GPU by the memory free within
+        this solver's share (PyTorch's cached blocks count as free); never more than what fitted
+        after running out of memory."""
+        limit = 16
+        if self.solver.device.type == "cuda":
+            device = self.solver.device
+            free, total = torch.cuda.mem_get_info(device)
+            allocated = torch.cuda.memory_allocated(device)
+            cached = torch.cuda.memory_reserved(device) - allocated
+            limit = pairs_per_batch(height, width, min(free + cached, int(total * self.memory_fraction) - allocated))
+        return min(limit, self._fits.get((height, width), limit))
 
     def solve(self, first: np.ndarray, second: np.ndarray) -> np.ndarray:
         """``[N, H, W]`` uint8 first and second frames to ``[N, H, W, 2]`` float32 flow in pixels,
-        in batches of :meth:`max_batch` pairs; a batch that runs out of GPU memory is halved."""
+        in batches of :meth:`max_batch` pairs; a batch that runs out of GPU memory is solved
+        again in halves, and that size is kept for the rest of the run."""
         n, h, w = first.shape
         out = np.empty((n, h, w, 2), np.float32)
         i = 0
         while i < n:
-            step = self.max_batch(h, w)
+            step = min(self.max_batch(h, w), n - i)
             try:
                 flow = self.solver.solve(torch.from_numpy(np.ascontiguousarray(first[i:i + step])),
                                          torch.from_numpy(np.ascontiguousarray(second[i:i + step])))
@@ -405,14 +418,14 @@ class TorchTVL1:
                 if step == 1:
                     raise
                 self._fits[(h, w)] = step // 2
-                torch.cuda.empty_cache()
+            else:
+                out[i:i + step] = flow.cpu().numpy()
+                i += step
                 continue
-            out[i:i + step] = flow.cpu().numpy()
-            i += step
+            torch.cuda.empty_cache()  # out of the except block: its traceback held the batch's tensors
         return out
 
     def compute(self, frames: np.ndarray) -> np.ndarray:
         """``[T, H, W] uint8`` gray to ``[T-1, H, W, 2] float32`` pixels (x right, y down)."""
-        if frames.ndim != 3 or frames.dtype != np.uint8:
-            raise FlowError(f"expected [T, H, W] uint8 gray frames, got {frames.shape} {frames.dtype}")
+        check_gray_frames(frames)
         return self.solve(frames[:-1], frames[1:])

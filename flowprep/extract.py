@@ -185,6 +185,7 @@ def extract(
     if limit is not None:
         specs = specs[:limit]
     description = describe_run(config, label_map, src, annotations, labels_file, gpus)
+    log.info("flow: %s on %s", config.flow_backend, description["flow"]["device"])
     prepare_output(out, description, overwrite)
     for path in remove_partial_files(out):
         log.info("removed %s, left by an interrupted run", path)

@@ -19,8 +19,6 @@ a pair's flow does not depend on which pairs it was solved with.
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -154,7 +152,6 @@ def _batcher_comparators(n: int) -> list[tuple[int, int]]:
     return pairs
 
 
-@functools.cache
 def median_network(count: int) -> list[tuple[int, int]]:
     """Compare-exchange pairs that leave the median of ``count`` (odd) wires on wire ``count // 2``:
     a sorting network padded with +inf wires, less every exchange the median does not depend on
@@ -169,6 +166,10 @@ def median_network(count: int) -> list[tuple[int, int]]:
     return kept[::-1]
 
 
+# Built once, outside the traced code: OpenCV's medianBlur takes 3 or 5 on float images.
+MEDIAN_NETWORKS = {3: median_network(9), 5: median_network(25)}
+
+
 def median_filter(x: torch.Tensor, size: int) -> torch.Tensor:
     """``size`` x ``size`` median of ``[N, H, W]`` with edge pixels repeated (OpenCV's
     ``medianBlur``, which takes 3 or 5 for float images), exact, by a selection network of
@@ -177,7 +178,7 @@ def median_filter(x: torch.Tensor, size: int) -> torch.Tensor:
     r = size // 2
     p = F.pad(x[:, None], (r, r, r, r), mode="replicate")[:, 0]
     values = [p[:, dy:dy + h, dx:dx + w] for dy in range(size) for dx in range(size)]
-    for i, j in median_network(size * size):
+    for i, j in MEDIAN_NETWORKS[size]:
         values[i], values[j] = torch.minimum(values[i], values[j]), torch.maximum(values[i], values[j])
     return values[size * size // 2]
 

@@ -5,7 +5,7 @@ The same algorithm as OpenCV's two solvers, in two variants:
 * ``cpu`` (default) follows ``cv::optflow::DualTVL1OpticalFlow``: a pyramid of linear resizes by
   ``scale_step`` (no blur), ``warps`` bicubic warps a scale (Keys a = -0.75, taps outside the
   image count as 0), then up to ``outer_iterations`` x ``inner_iterations`` primal-dual steps,
-  a 5x5 median filter of the flow before each outer iteration, stopping when the squared update
+  a median filter of the flow (5x5) before each outer iteration, stopping when the squared update
   summed over the image falls to ``epsilon^2 x pixels``.
 * ``cuda`` follows ``cv::cuda::OpticalFlowDual_TVL1`` (what denseflow and most published Kinetics
   flow used): one loop of up to ``iterations`` steps, no median filter, Keys a = -0.5 with edge

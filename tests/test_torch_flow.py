@@ -265,6 +265,12 @@ class CountingBackend:
         return self.backend.solve(first, second)
 
 
+def wait_until_queued(batcher: PairBatcher, requests: int) -> None:
+    """Block until ``requests`` callers wait in the batcher's queues (it notifies on each)."""
+    with batcher._ready:
+        batcher._ready.wait_for(lambda: sum(len(q) for q in batcher._queues.values()) >= requests)
+
+
 def test_pair_batcher_solves_many_callers_together():
     fast = get_backend("torch", {"nscales": 2, "warps": 2, "inner_iterations": 5, "outer_iterations": 2})
     clips = [gray_frames("bikes.mp4", 40, 9)[i:i + 4] for i in range(6)] + [gray_frames("bigbuckbunny.mp4", 40, 4)]
@@ -280,8 +286,7 @@ def test_pair_batcher_solves_many_callers_together():
     counting.started.wait()
     for t in threads[1:]:
         t.start()
-    while sum(len(q) for q in batcher._queues.values()) < len(clips) - 1:
-        threading.Event().wait(0.001)
+    wait_until_queued(batcher, len(clips) - 1)
     counting.release.set()
     for t in threads:
         t.join()
@@ -306,8 +311,7 @@ def test_a_rare_frame_size_waits_at_most_a_few_batches():
     counting.started.wait()
     for queued, t in enumerate(threads[1:], start=1):
         t.start()
-        while sum(len(q) for q in batcher._queues.values()) < queued:  # in this order
-            threading.Event().wait(0.001)
+        wait_until_queued(batcher, queued)  # so that they queue in this order
     counting.release.set()
     for t in threads:
         t.join()

@@ -70,7 +70,7 @@ class PairBatcher:
                 raise FlowError("the flow batcher is closed")
             request = _Request(frames, self._batches)
             self._queues[frames.shape[1:]].append(request)
-            self._ready.notify()
+            self._ready.notify_all()
         request.done.wait()
         if request.error is not None:
             raise FlowError(f"{self.name}: {type(request.error).__name__}: {request.error}") from request.error
@@ -85,7 +85,7 @@ class PairBatcher:
         """Stop the solver thread once the queued requests are solved."""
         with self._ready:
             self._closed = True
-            self._ready.notify()
+            self._ready.notify_all()
         self._thread.join()
 
     def _next_batch(self) -> list[_Request] | None:

@@ -200,15 +200,23 @@ def test_params_and_errors():
     assert backend.compute(np.zeros((1, 8, 8), np.uint8)).shape == (0, 8, 8, 2)
 
 
-def test_compiled_solver_gives_the_eager_flow():
+def test_compiled_solver_gives_the_eager_flow(tmp_path, monkeypatch, caplog):
     # What the GPU runs by default, checked on the CPU: torch.compile with dynamic shapes over
     # pyramid levels and batches that shrink as pairs stop.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # nothing compiled before
+    torch._dynamo.reset()
     frames = gray_frames("bikes.mp4", 24, 4)
     first, second = torch.from_numpy(frames[:-1]), torch.from_numpy(frames[1:])
     params = {"nscales": 2, "warps": 2, "outer_iterations": 3}
     eager = TVL1Solver(params, "cpu", compile=False).solve(first, second)
+    # Where compiling fails (here: no C++ compiler for Inductor), the solver runs eagerly.
+    with torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/c++",)}):
+        fallback = TVL1Solver(params, "cpu", compile=True).solve(first, second)
+    assert "InvalidCxxCompiler" in caplog.text and torch.equal(fallback, eager)
+    torch._dynamo.reset()
     compiled = TVL1Solver(params, "cpu", compile=True).solve(first, second)
     assert torch.allclose(eager, compiled, atol=1e-4)
+    torch._dynamo.reset()
 
 
 def test_a_batch_out_of_memory_is_solved_in_halves():

@@ -19,6 +19,8 @@ a pair's flow does not depend on which pairs it was solved with.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -212,6 +214,19 @@ def primal_dual_step(active, i1wx, i1wy, rho_c, u1, u2, p11, p12, p21, p22, l_t:
     )
 
 
+def _compiled(function):
+    """``function`` through ``torch.compile``, or as it is where compiling fails (no C compiler for
+    Triton's launcher, say): slower, never wrong, and said once in the log."""
+    compiled = torch.compile(function, dynamic=True)
+
+    @functools.wraps(function)
+    def run(*args):
+        with torch._dynamo.config.patch(suppress_errors=True):
+            return compiled(*args)
+
+    return run
+
+
 class TVL1Solver:
     """Batched TV-L1 with resolved parameters (see :func:`torch_tvl1_params`) on ``device``.
 
@@ -225,8 +240,8 @@ class TVL1Solver:
         self.device = torch.device(device)
         self.cuda_variant = self.params["variant"] == "cuda"
         compile = self.device.type == "cuda" if compile is None else compile
-        self._step = torch.compile(primal_dual_step, dynamic=True) if compile else primal_dual_step
-        self._median = torch.compile(median_filter, dynamic=True) if compile else median_filter
+        self._step = _compiled(primal_dual_step) if compile else primal_dual_step
+        self._median = _compiled(median_filter) if compile else median_filter
 
     @torch.no_grad()
     def solve(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:

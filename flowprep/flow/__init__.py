@@ -11,10 +11,9 @@ import logging
 from typing import Protocol
 
 import numpy as np
-import torch
 
 from flowprep.flow.opencv import OpenCVCudaTVL1, OpenCVTVL1, opencv_cuda_devices
-from flowprep.flow.torch_tvl1 import TorchTVL1, default_device
+from flowprep.flow.torch_tvl1 import TorchTVL1, default_device, device_description
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +37,7 @@ def resolve_backend_name(name: str, gpus: int | None = None) -> str:
     """The backend ``auto`` stands for (``torch`` on a GPU, then ``opencv-cuda``, then ``opencv``),
     or ``name`` itself. ``gpus``: the GPUs of the cluster that will run the flow, if not this machine's."""
     if name == "auto":
-        if gpus or (gpus is None and default_device() == "cuda"):
+        if _gpu_for_torch(gpus):
             name = "torch"
         elif gpus is None and opencv_cuda_devices():  # this machine's OpenCV, for a run on this machine
             name = "opencv-cuda"
@@ -51,14 +50,17 @@ def resolve_backend_name(name: str, gpus: int | None = None) -> str:
     return name
 
 
+def _gpu_for_torch(gpus: int | None) -> bool:
+    """Whether the torch backend will run on a GPU: the cluster's ``gpus``, or this machine's."""
+    return bool(gpus) if gpus is not None else default_device() == "cuda"
+
+
 def flow_device(name: str, gpus: int | None = None) -> str:
-    """Where backend ``name`` will run: ``cpu``, or ``cuda`` with the GPU's name when it is on
-    this machine. ``gpus``: the GPUs of the cluster that will run the flow, if not this machine's."""
-    if name == "opencv" or (name == "torch" and not (gpus if gpus is not None else default_device() == "cuda")):
+    """Where backend ``name`` will run: ``cpu``, ``cuda``, or on this machine's GPU its index and
+    name. ``gpus``: the GPUs of the cluster that will run the flow, if not this machine's."""
+    if name == "opencv" or (name == "torch" and not _gpu_for_torch(gpus)):
         return "cpu"
-    if gpus is None and default_device() == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(0)})"
-    return "cuda"
+    return device_description("cuda") if name == "torch" and gpus is None else "cuda"
 
 
 def get_backend(name: str, params: dict | None = None, threads: int = 1, **options) -> FlowBackend:

@@ -51,6 +51,17 @@ def check_gray_frames(frames: np.ndarray) -> None:
         raise FlowError(f"expected [T, H, W] uint8 gray frames, got {frames.shape} {frames.dtype}")
 
 
+def _each_pair(frames: np.ndarray, calc) -> np.ndarray:
+    """``calc(first, second) -> [H, W, 2]`` over consecutive ``[T, H, W]`` uint8 frames:
+    ``[T-1, H, W, 2] float32``."""
+    check_gray_frames(frames)
+    t, h, w = frames.shape
+    out = np.empty((max(t - 1, 0), h, w, 2), np.float32)
+    for i in range(t - 1):
+        out[i] = calc(frames[i], frames[i + 1])
+    return out
+
+
 class OpenCVTVL1:
     """OpenCV's CPU TV-L1 (Zach, Pock and Bischof 2007; Sánchez, Meinhardt-Llopis and Facciolo 2013).
 
@@ -69,12 +80,7 @@ class OpenCVTVL1:
 
     def compute(self, frames: np.ndarray) -> np.ndarray:
         """``[T, H, W] uint8`` gray to ``[T-1, H, W, 2] float32`` pixels (x right, y down)."""
-        check_gray_frames(frames)
-        t, h, w = frames.shape
-        out = np.empty((max(t - 1, 0), h, w, 2), np.float32)
-        for i in range(t - 1):
-            out[i] = self._solver.calc(frames[i], frames[i + 1], None)
-        return out
+        return _each_pair(frames, lambda first, second: self._solver.calc(first, second, None))
 
 
 class OpenCVCudaTVL1:
@@ -97,11 +103,9 @@ class OpenCVCudaTVL1:
 
     def compute(self, frames: np.ndarray) -> np.ndarray:
         """``[T, H, W] uint8`` gray to ``[T-1, H, W, 2] float32`` pixels (x right, y down)."""
-        check_gray_frames(frames)
-        t, h, w = frames.shape
-        out = np.empty((max(t - 1, 0), h, w, 2), np.float32)
-        for i in range(t - 1):
-            self._first.upload(frames[i])
-            self._second.upload(frames[i + 1])
-            out[i] = self._solver.calc(self._first, self._second, None).download()
-        return out
+        return _each_pair(frames, self._calc)
+
+    def _calc(self, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+        self._first.upload(first)
+        self._second.upload(second)
+        return self._solver.calc(self._first, self._second, None).download()

@@ -26,7 +26,12 @@ import torch
 import torch.nn.functional as F
 
 from flowprep.errors import FlowError
-from flowprep.flow.opencv import TVL1_CUDA_DEFAULTS, TVL1_DEFAULTS, check_gray_frames, merge_params
+from flowprep.flow.opencv import (
+    TVL1_CUDA_DEFAULTS,
+    TVL1_DEFAULTS,
+    check_gray_frames,
+    merge_params,
+)
 
 # Each variant takes the parameters of the OpenCV solver it follows.
 VARIANT_DEFAULTS = {"cpu": TVL1_DEFAULTS, "cuda": TVL1_CUDA_DEFAULTS}
@@ -242,6 +247,7 @@ class TVL1Solver:
         compile = self.device.type == "cuda" if compile is None else compile
         self._step = _compiled(primal_dual_step) if compile else primal_dual_step
         self._median = _compiled(median_filter) if compile else median_filter
+        self._iterate = self._iterate_cuda if self.cuda_variant else self._iterate_cpu
 
     @torch.no_grad()
     def solve(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
@@ -284,8 +290,7 @@ class TVL1Solver:
             i1w, i1wx, i1wy = (x.contiguous() for x in warped.unbind(1))
             rho_c = i1w - i1wx * u1 - i1wy * u2 - i0
             state = (u1, u2, p11, p12, p21, p22)
-            solve = self._iterate_cuda if self.cuda_variant else self._iterate_cpu
-            u1, u2, p11, p12, p21, p22 = solve((i1wx, i1wy, rho_c), state, scaled_epsilon, l_t, taut)
+            u1, u2, p11, p12, p21, p22 = self._iterate((i1wx, i1wy, rho_c), state, scaled_epsilon, l_t, taut)
         return u1, u2
 
     def _iterate_cpu(self, data, state, scaled_epsilon, l_t, taut):
@@ -434,11 +439,12 @@ class TorchTVL1:
                 if step == 1:
                     raise
                 self._fits[(h, w)] = step // 2
-            else:
-                out[i:i + step] = flow.cpu().numpy()
-                i += step
+                flow = None
+            if flow is None:
+                torch.cuda.empty_cache()  # after the except block, whose traceback held the batch's tensors
                 continue
-            torch.cuda.empty_cache()  # out of the except block: its traceback held the batch's tensors
+            out[i:i + step] = flow.cpu().numpy()
+            i += step
         return out
 
     def compute(self, frames: np.ndarray) -> np.ndarray:

@@ -16,7 +16,6 @@ Writes benchmarks/results/extract.json. Ratio = pipeline pairs/s / baseline pair
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import shutil
 import statistics
@@ -25,37 +24,22 @@ import time
 from pathlib import Path
 
 import cv2
-import numpy as np
 
 from flowprep import ShardReader
 from flowprep.decode import SourceInfo, VideoDecoder
 from flowprep.export import export_rawframes
 from flowprep.extract import extract
-from flowprep.flow.opencv import TVL1_DEFAULTS
 from flowprep.pipeline import ExtractConfig, VideoChunk
 from flowprep.samples import make_sample_folder
 from flowprep.shards import ShardWriter
+from baseline import opencv_flow, opencv_pool
 from results import write_results
-
-_solver = None
-
-
-def _init_solver() -> None:
-    global _solver
-    cv2.setNumThreads(1)
-    _solver = cv2.optflow.DualTVL1OpticalFlow_create(*TVL1_DEFAULTS.values())
-
-
-def _solve(pair: tuple[np.ndarray, np.ndarray]) -> float:
-    return float(np.abs(_solver.calc(pair[0], pair[1], None)).mean())
-
 
 def bare_solver(pairs: list, processes: int) -> float:
     """Seconds for the bare solver on ``pairs`` with ``processes`` single-threaded processes."""
-    with multiprocessing.get_context("spawn").Pool(processes, initializer=_init_solver) as pool:
-        pool.map(_solve, pairs[:processes], chunksize=1)  # start-up outside the timing
+    with opencv_pool(processes, pairs) as pool:
         t0 = time.perf_counter()
-        pool.map(_solve, pairs, chunksize=1)
+        pool.map(opencv_flow, pairs, chunksize=1)
         return time.perf_counter() - t0
 
 

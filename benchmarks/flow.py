@@ -40,7 +40,6 @@ Writes benchmarks/results/flow.json. Ratio = backend pairs/s / baseline pairs/s.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import platform
 import statistics
@@ -52,9 +51,10 @@ import av
 import cv2
 import numpy as np
 import torch
+from baseline import opencv_flow, opencv_pool
 from results import write_results
 
-from flowprep.flow.opencv import TVL1_DEFAULTS, OpenCVCudaTVL1, opencv_cuda_devices
+from flowprep.flow.opencv import OpenCVCudaTVL1, opencv_cuda_devices
 from flowprep.flow.torch_tvl1 import (
     VARIANT_DEFAULTS,
     TVL1Solver,
@@ -123,19 +123,7 @@ def frame_pairs(clips: list[list[np.ndarray]], size: tuple[int, int], count: int
 
 
 # ---------------------------------------------------------------------------------------------
-# baseline: OpenCV CPU, one single-threaded process per core
-
-_solver = None
-
-
-def _init_opencv() -> None:
-    global _solver
-    cv2.setNumThreads(1)  # one process per core: OpenCV's own threads would oversubscribe them
-    _solver = cv2.optflow.DualTVL1OpticalFlow_create(*TVL1_DEFAULTS.values())
-
-
-def _opencv_flow(pair: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    return _solver.calc(pair[0], pair[1], None)
+# baseline: OpenCV CPU, one single-threaded process per core (benchmarks/baseline.py)
 
 
 def opencv_cpu(pool, first: np.ndarray, second: np.ndarray, repeat: int) -> tuple[list[float], np.ndarray]:
@@ -145,7 +133,7 @@ def opencv_cpu(pool, first: np.ndarray, second: np.ndarray, repeat: int) -> tupl
     seconds, flow = [], None
     for _ in range(repeat):
         t0 = time.perf_counter()
-        flow = pool.map(_opencv_flow, pairs, chunksize=1)
+        flow = pool.map(opencv_flow, pairs, chunksize=1)
         seconds.append(time.perf_counter() - t0)
     return seconds, np.stack(flow)
 
@@ -266,7 +254,7 @@ def noise_floor(pool, first: np.ndarray, second: np.ndarray) -> dict:
     rng = np.random.default_rng(0)
     noisy = [((a + rng.normal(0, 0.001, a.shape)) / 255).astype(np.float32) for a in first]
     # Float input is taken to be in [0, 1] (OpenCV multiplies it by 255), the same scale as uint8.
-    return np.stack(pool.map(_opencv_flow, list(zip(noisy, (second / np.float32(255)).astype(np.float32), strict=True)), chunksize=1))
+    return np.stack(pool.map(opencv_flow, list(zip(noisy, (second / np.float32(255)).astype(np.float32), strict=True)), chunksize=1))
 
 
 def epe_stats(flow: np.ndarray, reference: np.ndarray) -> dict:
@@ -431,9 +419,8 @@ def main() -> None:
 
     results = {"machine": machine_info(args.device), "args": vars(args), "clips": list(CLIPS),
                "bytes_per_pixel_step": BYTES_PER_PIXEL_STEP, "sizes": {}}
-    with multiprocessing.get_context("spawn").Pool(args.workers, initializer=_init_opencv) as pool:
-        warm = frame_pairs(clips, sizes[0], args.workers)
-        pool.map(_opencv_flow, list(zip(warm[0], warm[1], strict=True)), chunksize=1)  # start-up outside the timing
+    warm = frame_pairs(clips, sizes[0], args.workers)
+    with opencv_pool(args.workers, list(zip(warm[0], warm[1], strict=True))) as pool:
         for size in sizes:
             results["sizes"][f"{size[0]}x{size[1]}"] = measure_size(size, clips, pool, names, args)
 

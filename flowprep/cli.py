@@ -16,6 +16,7 @@ from flowprep.flow import parse_flow_params
 from flowprep.pipeline import ExtractConfig
 from flowprep.shards import ShardReader
 from flowprep.shards.layout import FAILURES, read_failures
+from flowprep.teacher.targets import list_teachers
 
 EXIT_FAILURES = 3
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
@@ -141,7 +142,19 @@ def describe(out: Path) -> dict:
         "videos_per_split": {str(s): sum(r["split"] == s for r in rows) for s in sorted({str(r["split"]) for r in rows})},
         "params": reader.dataset["params"],
         "versions": reader.dataset["versions"],
+        "teachers": {name: describe_teacher(out, name) for name in list_teachers(out)},
     }
+
+
+def describe_teacher(out: Path, name: str) -> dict:
+    from flowprep.teacher.targets import TeacherTargets
+
+    targets = TeacherTargets(out, name)
+    params = targets.description["params"]
+    return {"model": params["model"], "outputs": params["outputs"], "grid": params["grid"], "videos": len(targets),
+            "views": sum(len(targets.views(v)) for v in targets.video_ids),
+            "failed": len(read_failures(targets.folder)),
+            "bytes": sum(p.stat().st_size for p in (targets.folder / "shards").glob("*.arrow"))}
 
 
 @main.command()
@@ -163,6 +176,58 @@ def info(out, as_json):
     click.echo(f"splits:  {summary['videos_per_split']}")
     click.echo(f"frames:  {p['fps']} fps, short side {p['short_side']}, rgb {p['rgb_codec']}")
     click.echo(f"flow:    {p['flow_backend']} {p['flow_params']}, ±{p['flow_bound']} px as {p['flow_dtype']} ({p['flow_codec']})")
+    for name, t in summary["teachers"].items():
+        g = t["grid"]
+        click.echo(f"teacher: {name}: {t['model']}, {t['videos']} videos ({t['failed']} failed), {t['views']} views "
+                   f"(clip {g['clip_len']}x{g['frame_stride']}, crop {g['crop']}, every {g['window_stride']}, {g['crops']} crops"
+                   f"{', flips' if g['flip'] else ''}), outputs {t['outputs']}, {human_bytes(t['bytes'])}")
+
+
+@main.command("teacher")
+@click.option("--shards", "out", required=True, type=click.Path(exists=True, file_okay=False), help="An output folder of flowprep extract.")
+@click.option("--name", required=True, help="The targets' name: they go to SHARDS/teachers/NAME/.")
+@click.option("--model", required=True, help="i3d (loads pytorch-i3d state dicts), s3dg, or package.module:factory (called with in_channels=2, num_classes=N).")
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), help="State dict (or a dict holding one under state_dict/model); required for i3d and s3dg.")
+@click.option("--num-classes", type=click.IntRange(min=1), help="Classes of the model (default: the checkpoint's).")
+@click.option("--clip-len", default=64, show_default=True, type=click.IntRange(min=1), help="Flow frames per clip.")
+@click.option("--frame-stride", default=1, show_default=True, type=click.IntRange(min=1), help="Step between clip frames.")
+@click.option("--crop", default=224, show_default=True, type=click.IntRange(min=1), help="Side of the square crop, pixels.")
+@click.option("--window-stride", default=16, show_default=True, type=click.IntRange(min=1), help="Flow positions between clip starts.")
+@click.option("--crops", default=3, show_default=True, type=click.IntRange(min=1), help="Crop positions along the long side (both ends and between; 1: centre).")
+@click.option("--flip/--no-flip", default=True, show_default=True, help="Also store the mirrored views.")
+@click.option("--outputs", default="logits", show_default=True, help="Comma-separated: logits, embedding (the classifier's pooled input), or end-point names such as Mixed_4f (globally pooled).")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Views per model batch.")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda when there is one), cpu, cuda.")
+@click.option("--workers", type=click.IntRange(min=0), help="Model workers (default: one per GPU of the Ray cluster, else one per CPU; 0: no Ray, this process only).")
+@click.option("--ray-address", envvar="RAY_ADDRESS", help="Ray cluster to use, e.g. auto (default: $RAY_ADDRESS, else a local Ray).")
+@click.option("--overwrite", is_flag=True, help="Delete existing targets of this name and start over.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+def teacher_command(out, name, model, checkpoint, num_classes, clip_len, frame_stride, crop, window_stride, crops, flip,
+                    outputs, batch_size, device, workers, ray_address, overwrite, progress):
+    """Run a flow-stream network once over every stored view and keep its outputs.
+
+    Every video gets a grid of views (clip starts every --window-stride flow positions, --crops
+    crop positions, unflipped and flipped); each view's outputs are stored as float16 in
+    SHARDS/teachers/NAME/, which ClipDataset(teacher=NAME) serves with the RGB clip of that view.
+    Rerunning the same command resumes; other options under the same NAME are refused unless
+    --overwrite. A video whose flow cannot be read is a line in the teacher's failures.jsonl.
+    """
+    from flowprep.teacher.models import MODELS, CheckpointMismatch
+    from flowprep.teacher.run import TeacherConfig, TeacherMismatch, compute_targets
+    from flowprep.teacher.views import ViewGrid
+
+    if model in MODELS and not checkpoint:
+        raise click.UsageError(f"--model {model} needs --checkpoint")
+    try:
+        config = TeacherConfig(model=model, checkpoint=checkpoint, num_classes=num_classes,
+                               grid=ViewGrid(clip_len, frame_stride, crop, window_stride, crops, flip),
+                               outputs=tuple(o.strip() for o in outputs.split(",") if o.strip()), batch_size=batch_size, device=device)
+        report = compute_targets(out, name, config, overwrite=overwrite, workers=workers, ray_address=ray_address, progress=progress)
+    except (CheckpointMismatch, TeacherMismatch, ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"videos:  {report.videos} in the shards, {report.skipped} done before, {report.written} written, {report.failed} failed"
+               + (f" (see {Path(out) / 'teachers' / name / FAILURES})" if report.failed else ""))
+    click.echo(f"views:   {report.views} in {report.seconds:.1f} s ({report.views_per_second:.2f} views/s)")
 
 
 @main.command()

@@ -16,6 +16,7 @@ the same clips in any worker layout. :class:`ClipSampler` carries the epoch to t
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -32,6 +33,8 @@ from flowprep.shards.reader import ShardReader
 I3D_NORMALIZATION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # [-1, 1], as I3D and S3D-G (TF) take it
 KINETICS_NORMALIZATION = ((0.43216, 0.394666, 0.37645), (0.22803, 0.22145, 0.216989))  # torchvision's video models
 
+log = logging.getLogger(__name__)
+
 _configured_pid: int | None = None
 
 
@@ -46,6 +49,17 @@ def _configure_worker_threads() -> None:
             if cv2.getNumThreads() != 1:
                 cv2.setNumThreads(1)
             torch.set_num_threads(1)
+
+
+def flow_lookup_tables(normalize: bool = True) -> dict[bool, np.ndarray]:
+    """Stored uint8 flow ``q`` to a clip's value, ``[2, 256]`` (x, y) for unflipped (``False``) and
+    flipped (``True``) clips: float32 ``q / 127.5 - 1`` with x negated when flipped, or, unnormalized,
+    uint8 ``q`` with ``255 - q`` for flipped x. The teacher precompute uses the same tables."""
+    levels = np.arange(256)
+    if not normalize:
+        return {False: np.stack([levels, levels]).astype(np.uint8), True: np.stack([255 - levels, levels]).astype(np.uint8)}
+    flow = (levels / 127.5 - 1).astype(np.float32)
+    return {False: np.stack([flow, flow]), True: np.stack([-flow, flow])}
 
 
 def clip_indices(length: int, clip_len: int, stride: int, start: int) -> np.ndarray:
@@ -71,10 +85,19 @@ class ClipDataset(Dataset):
         normalize: ``False`` returns uint8 tensors (RGB 0-255, flow ``q``, flipped flow x as
             ``255 - q``) to be normalized on the GPU: a quarter of the bytes through the
             DataLoader's shared memory (uint8 flow shards only).
+        teacher: the name of targets stored by ``flowprep teacher`` in every folder. Training
+            draws one of the stored views (start, crop position, flip) uniformly and returns
+            the clip of exactly that view; evaluation keeps its clips and carries the target of
+            the centre view. ``clip_len``, ``frame_stride`` and ``crop`` must be the teacher's;
+            starts count flow positions (N-1 for N frames) whatever the modalities. Videos
+            without targets are left out (with a warning).
+        teacher_outputs: the stored outputs to return (``logits``, ``embedding``, layer names).
 
     Items are dicts: ``rgb`` float32 ``[3, T, crop, crop]``, ``flow`` float32 ``[2, T, crop, crop]``
     in [-1, 1] (``q / 127.5 - 1``, x then y; float16 shards: pixels / bound), ``label`` (int,
-    -1 when unlabeled), ``video_id``, ``start`` (first frame index), ``flip`` (bool).
+    -1 when unlabeled), ``video_id``, ``start`` (first frame index), ``crop`` (``(top, left)``
+    pixels), ``flip`` (bool); with a teacher ``teacher_<output>`` float32 ``[dim]`` each
+    (``teacher_logits``: ``[C]``).
     """
 
     def __init__(
@@ -91,6 +114,8 @@ class ClipDataset(Dataset):
         num_clips: int = 1,
         normalization: tuple[Sequence[float], Sequence[float]] = I3D_NORMALIZATION,
         normalize: bool = True,
+        teacher: str | None = None,
+        teacher_outputs: Sequence[str] = ("logits",),
     ):
         if not modalities or set(modalities) - {"rgb", "flow"}:
             raise ValueError(f"modalities must be rgb and/or flow, not {modalities}")
@@ -114,22 +139,42 @@ class ClipDataset(Dataset):
         if normalize:
             mean, std = (np.asarray(v).reshape(3, 1) for v in normalization)
             self._rgb_lut = ((levels / 255 - mean) / std).astype(np.float32)
-            flow = (levels / 127.5 - 1).astype(np.float32)
-            self._flow_luts = {False: np.stack([flow, flow]), True: np.stack([-flow, flow])}
         else:
             self._rgb_lut = np.tile(levels, (3, 1)).astype(np.uint8)
-            self._flow_luts = {False: np.stack([levels, levels]).astype(np.uint8), True: np.stack([255 - levels, levels]).astype(np.uint8)}
+        self._flow_luts = flow_lookup_tables(normalize)
         self.epoch = 0
+        self.targets = [self._open_teacher(f, teacher, teacher_outputs) for f in folders] if teacher else None
+        self.teacher_outputs = tuple(teacher_outputs)
         self.videos: list[tuple[int, str]] = []
+        missing = 0
         for r, reader in enumerate(self.readers):
             for video_id in reader.video_ids:
                 meta = reader.meta(video_id)
                 if split is not None and meta["split"] != split:
                     continue
+                if self.targets and video_id not in self.targets[r]:
+                    missing += 1
+                    continue
                 if min(meta["height"], meta["width"]) < crop:
                     raise ValueError(f"{reader.out}: {video_id} is {meta['height']}x{meta['width']}, smaller than crop {crop}: "
                                      "extract with a larger --short-side or use a smaller crop")
                 self.videos.append((r, video_id))
+        if missing:
+            log.warning("%d videos have no targets of teacher %r (see its failures.jsonl) and are left out", missing, teacher)
+
+    def _open_teacher(self, folder, name: str, outputs: Sequence[str]):
+        from flowprep.teacher.targets import TeacherTargets
+
+        targets = TeacherTargets(folder, name)
+        grid = targets.grid
+        ours = (self.clip_len, self.frame_stride, self.crop)
+        if ours != (grid.clip_len, grid.frame_stride, grid.crop):
+            raise ValueError(f"teacher {name!r} stored clip_len {grid.clip_len}, frame_stride {grid.frame_stride}, crop {grid.crop}; "
+                             f"this dataset asks clip_len {self.clip_len}, frame_stride {self.frame_stride}, crop {self.crop}")
+        unknown = set(outputs) - set(targets.outputs)
+        if unknown:
+            raise ValueError(f"teacher {name!r} stored {sorted(targets.outputs)}, not {sorted(unknown)}")
+        return targets
 
     def __len__(self) -> int:
         return len(self.videos) * self.num_clips
@@ -148,7 +193,7 @@ class ClipDataset(Dataset):
         return [self.meta(i)["label_index"] for i in range(len(self))]
 
     def _positions(self, meta: dict) -> int:
-        return meta["num_frames"] - 1 if "flow" in self.modalities else meta["num_frames"]
+        return meta["num_frames"] - 1 if "flow" in self.modalities or self.targets else meta["num_frames"]
 
     def _start(self, length: int, clip: int, rng: np.random.Generator) -> int:
         span = (self.clip_len - 1) * self.frame_stride + 1
@@ -167,16 +212,25 @@ class ClipDataset(Dataset):
         meta = reader.meta(video_id)
         rng = np.random.default_rng([self.seed, epoch, index])
         length = self._positions(meta)
-        start = self._start(length, index % self.num_clips, rng)
-        frames = clip_indices(length, self.clip_len, self.frame_stride, start).tolist()
         h, w = meta["height"], meta["width"]
-        if self.train:
+        targets = self.targets[r] if self.targets else None
+        if self.train and targets:
+            views = [v for v in targets.views(video_id) if self.flip or not v.flip]
+            start, y, x, flip = views[int(rng.integers(0, len(views)))]
+        elif self.train:
+            start = self._start(length, 0, rng)
             y, x = int(rng.integers(0, h - self.crop + 1)), int(rng.integers(0, w - self.crop + 1))
             flip = self.flip and bool(rng.integers(0, 2))
         else:
+            start = self._start(length, index % self.num_clips, rng)
             y, x, flip = (h - self.crop) // 2, (w - self.crop) // 2, False
+        frames = clip_indices(length, self.clip_len, self.frame_stride, start).tolist()
         window = (slice(y, y + self.crop), slice(x, x + self.crop))
-        item = {"label": meta["label_index"], "video_id": video_id, "start": start, "flip": flip}
+        item = {"label": meta["label_index"], "video_id": video_id, "start": start, "crop": (y, x), "flip": flip}
+        if targets:
+            view = (start, y, x, flip) if self.train else targets.centre(video_id)
+            stored = targets.get(video_id, *view)
+            item.update({f"teacher_{name}": torch.from_numpy(stored[name]) for name in self.teacher_outputs})
         if "rgb" in self.modalities:
             rgb = reader.rgb_at(video_id, frames, window)  # [T, crop, crop, 3] uint8
             item["rgb"] = self._planar(rgb[:, :, ::-1] if flip else rgb, self._rgb_lut)

@@ -233,3 +233,87 @@ def _in_order(specs, decode_workers, flow_workers, window):
     finally:
         for actor in flow_workers + decode_workers:
             ray.kill(actor)
+
+
+class FlowWindowReader:
+    """Reads the stored flow of teacher work items (:func:`flowprep.teacher.run.read_windows`)."""
+
+    def __init__(self, out: str, grid):
+        cv2.setNumThreads(1)
+        from flowprep.shards import ShardReader
+
+        self.reader, self.grid = ShardReader(out), grid
+
+    def read(self, item):
+        from flowprep.teacher.run import read_windows
+
+        return read_windows(self.reader, item, self.grid)
+
+
+class TeacherWorker:
+    """One teacher model on a GPU, or on one CPU core, run over the windows of work items."""
+
+    def __init__(self, config, state, num_classes: int, flow_bound: float, device: str, threads: int | None):
+        from flowprep.teacher.run import TeacherModel
+
+        self.model = TeacherModel(config, state, num_classes, flow_bound, device, threads)
+
+    def run(self, windows):
+        return self.model.run(windows)
+
+
+def ray_teacher_outputs(items, out, config, state, num_classes: int, flow_bound: float, device: str,
+                        workers: int | None = None, address: str | None = None):
+    """``(item, outputs)`` for each work item of ``items``, in order, computed by Ray actors.
+
+    Model actors: ``workers`` of them (default one per GPU of the cluster when ``device`` is
+    ``cuda``, else one per CPU, each with one torch thread); readers: one per 4 CPUs beside GPU
+    actors, one per 8 CPU actors otherwise. Each item is read by a reader and its windows go
+    straight to a model actor (the driver never holds the flow); ``2 x workers + readers`` items
+    are in flight, consumed in order.
+    """
+    start_ray(address, workers if device == "cpu" else None)
+    cpus, gpus = int(ray.cluster_resources().get("CPU", 0)), cluster_gpus()
+    on_gpu = device.startswith("cuda")
+    if on_gpu and not gpus:
+        raise ValueError("--device cuda: the Ray cluster has no GPU")
+    have = gpus if on_gpu else cpus
+    if workers and workers > have:
+        raise ValueError(f"--workers {workers} needs {workers} {'GPUs' if on_gpu else 'CPUs'}; the Ray cluster has {have}")
+    workers = workers or max(1, have)
+    readers = max(1, cpus // 4) if on_gpu else max(1, workers // 8)
+    state_ref = ray.put(state)
+    resources = {"num_cpus": 1, "num_gpus": 1} if on_gpu else {"num_cpus": 1}
+    models = [ray.remote(TeacherWorker).options(max_restarts=-1, **resources)
+              .remote(config, state_ref, num_classes, flow_bound, device, None if on_gpu else 1) for _ in range(workers)]
+    window_readers = [ray.remote(FlowWindowReader).options(num_cpus=0, max_restarts=-1, scheduling_strategy="SPREAD")
+                      .remote(str(out), config.grid) for _ in range(readers)]
+    ray.get([a.__ray_ready__.remote() for a in models + window_readers])
+    log.info("ray: %d teacher workers on %s, %d readers", workers, device, readers)
+    return _teacher_in_order(items, window_readers, models)
+
+
+def _teacher_in_order(items, readers, models):
+    pending = deque()
+    try:
+        for i, item in enumerate(items):
+            windows = readers[i % len(readers)].read.remote(item)
+            pending.append((item, models[i % len(models)].run.remote(windows)))
+            if len(pending) > 2 * len(models) + len(readers):
+                yield _teacher_result(*pending.popleft())
+        while pending:
+            yield _teacher_result(*pending.popleft())
+    finally:
+        for actor in models + readers:
+            ray.kill(actor)
+
+
+def _teacher_result(item, ref):
+    """The outputs of ``item``; a dead or failing worker fails the item's videos, not the run."""
+    from flowprep.teacher.run import SegmentOutputs
+
+    try:
+        return item, ray.get(ref)
+    except ray.exceptions.RayError as e:
+        error = str(_video_error(e))
+        return item, [SegmentOutputs(segment, None, error) for segment in item.segments]

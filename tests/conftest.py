@@ -81,3 +81,22 @@ def kinetics_folder(tmp_path_factory) -> Path:
     write_video(root / "val" / "counting" / "index_vp9.webm", [index_frame(i) for i in range(12)], fps=30, codec="libvpx-vp9")
     write_video(root / "val" / "counting" / "index_mpeg4.avi", [index_frame(i) for i in range(12)], fps=15, codec="mpeg4")
     return root
+
+
+@pytest.fixture(scope="session")
+def small_shards(tmp_path_factory) -> Path:
+    """An output folder for the teacher and training tests: five panning videos at 112 rows (the
+    smallest crop the networks take), two classes, train and val, one video per shard."""
+    from flowprep.extract import extract
+    from flowprep.pipeline import ExtractConfig
+
+    root = tmp_path_factory.mktemp("small-src")
+    image = textured_image(112, 150)
+    videos = (("train", "left", "pan_a", 2, 24), ("train", "left", "pan_b", 1, 20), ("train", "right", "pan_c", -2, 22),
+              ("train", "right", "short", -1, 6), ("val", "right", "pan_d", -1, 18))
+    for split, label, name, speed, frames in videos:
+        write_video(root / split / label / f"{name}.mp4", [np.roll(image, speed * i, axis=1) for i in range(frames)])
+    out = tmp_path_factory.mktemp("small") / "shards"
+    config = ExtractConfig(short_side=112, chunk_frames=8, shard_size=1)
+    assert extract(root, out, config, workers=0, progress=False).written == len(videos)
+    return out

@@ -129,14 +129,15 @@ def read_failures(out: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def read_index(out: Path) -> pa.Table:
-    """The index rows of every complete shard, in shard order (the truth ``index.parquet`` is built from)."""
-    parts = [pq.read_table(index_part_path(out, s), schema=INDEX_SCHEMA) for s in complete_shards(out)]
-    return pa.concat_tables(parts) if parts else INDEX_SCHEMA.empty_table()
+def read_index(out: Path, schema: pa.Schema = INDEX_SCHEMA) -> pa.Table:
+    """The index rows of every complete shard, in shard order (the truth ``index.parquet`` is built from).
+    ``schema``: the index's (teacher folders have their own)."""
+    parts = [pq.read_table(index_part_path(out, s), schema=schema) for s in complete_shards(out)]
+    return pa.concat_tables(parts) if parts else schema.empty_table()
 
 
-def rebuild_index(out: Path) -> pa.Table:
+def rebuild_index(out: Path, schema: pa.Schema = INDEX_SCHEMA) -> pa.Table:
     """Rewrite ``<out>/index.parquet`` from the complete shards' parts, atomically."""
-    table = read_index(out)
+    table = read_index(out, schema)
     write_table(out / INDEX, table)
     return table

@@ -1,0 +1,173 @@
+"""Teacher targets on disk: the one place that names their files and fields, the writer and the reader.
+
+::
+
+    <out>/teachers/<name>/teacher.json                 model, checkpoint, options, grid, sources, versions
+    <out>/teachers/<name>/index.parquet                one row per video (TARGET_INDEX_SCHEMA)
+    <out>/teachers/<name>/failures.jsonl               one JSON object per video without targets
+    <out>/teachers/<name>/shards/shard-00000.arrow     the targets of the videos of <out>/shards/shard-00000.*
+    <out>/teachers/<name>/shards/shard-00000.parquet   the index rows of that target shard
+
+A target shard is an Arrow IPC file of one record batch: one row per view (``video_id, start, top,
+left, flip``, then each output as a fixed-size list of float16), a video's views contiguous and in
+:class:`~flowprep.teacher.views.ViewGrid` order. It is published like a frame shard (index part
+first, then the file renamed from ``.partial``), so a visible target shard is always whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from flowprep.shards.layout import DATASET_JSON, INDEX, index_part_path, write_atomic, write_table
+from flowprep.teacher.views import View, ViewGrid
+
+TEACHER_SCHEMA_VERSION = 1
+TEACHERS = "teachers"
+TEACHER_JSON = "teacher.json"
+
+TARGET_INDEX_SCHEMA = pa.schema(
+    [
+        ("video_id", pa.string()),
+        ("shard", pa.string()),  # path relative to the teacher folder
+        ("row", pa.int64()),  # the video's first view
+        ("views", pa.int32()),
+        ("positions", pa.int32()),  # flow positions of the video (num_frames - 1)
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+    ]
+)
+VIEW_FIELDS = [("video_id", pa.string()), ("start", pa.int32()), ("top", pa.int32()), ("left", pa.int32()), ("flip", pa.bool_())]
+
+
+def teacher_dir(out: str | Path, name: str) -> Path:
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"teacher name {name!r} must be a plain folder name")
+    return Path(out) / TEACHERS / name
+
+
+def list_teachers(out: str | Path) -> list[str]:
+    """Names of the teachers of an output folder that have a teacher.json."""
+    folder = Path(out) / TEACHERS
+    return sorted(p.parent.name for p in folder.glob(f"*/{TEACHER_JSON}")) if folder.is_dir() else []
+
+
+def target_schema(outputs: dict[str, int], metadata: dict[str, str] | None = None) -> pa.Schema:
+    """The view columns, then ``name: fixed_size_list<float16>[dim]`` for each output."""
+    fields = VIEW_FIELDS + [(name, pa.list_(pa.float16(), dim)) for name, dim in outputs.items()]
+    return pa.schema(fields, metadata=metadata)
+
+
+def source_checksums(out: Path) -> dict[str, str]:
+    """What the targets were computed from: sha256 of the shards' dataset.json and of their
+    index's ``video_id checksum`` lines (so re-extracted frames show as a change)."""
+    index = pq.read_table(out / INDEX, columns=["video_id", "checksum"]).to_pylist()
+    lines = "".join(f"{r['video_id']} {r['checksum']}\n" for r in sorted(index, key=lambda r: r["video_id"]))
+    return {"dataset_json_sha256": hashlib.sha256((out / DATASET_JSON).read_bytes()).hexdigest(),
+            "index_sha256": hashlib.sha256(lines.encode()).hexdigest()}
+
+
+def write_target_shard(folder: Path, shard: str, views: list[tuple[str, View]], outputs: dict[str, np.ndarray],
+                       schema: pa.Schema, index_rows: list[dict]) -> None:
+    """Publish a target shard: ``views`` (video id, view) in row order and ``outputs`` name ->
+    ``[rows, dim]`` float16; its index part first, so the shard is visible only once indexed."""
+    columns = [pa.array([v[0] for v in views], pa.string())]
+    columns += [pa.array([v[1][i] for v in views], schema.field(i + 1).type) for i in range(4)]
+    for name, values in outputs.items():
+        dim = schema.field(name).type.list_size
+        columns.append(pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), pa.float16()), dim))
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, schema) as writer:
+        writer.write_batch(pa.record_batch(columns, schema=schema))
+    (folder / shard).parent.mkdir(parents=True, exist_ok=True)
+    write_table(index_part_path(folder, shard), pa.Table.from_pylist(index_rows, schema=TARGET_INDEX_SCHEMA))
+    write_atomic(folder / shard, sink.getvalue().to_pybytes())
+
+
+class TeacherTargets:
+    """Random access to the stored targets of teacher ``name`` of output folder ``out``.
+
+    >>> targets = TeacherTargets("out/", "flow_i3d")
+    >>> view = targets.views(video_id)[0]                  # View(start, top, left, flip)
+    >>> targets.get(video_id, *view)["logits"]             # [C] float32
+
+    Target shards are memory-mapped once per process; a lookup is a dict access and arithmetic
+    on the view grid (no search), then a copy of a few hundred bytes.
+    """
+
+    def __init__(self, out: str | Path, name: str):
+        self.folder = teacher_dir(out, name)
+        path = self.folder / TEACHER_JSON
+        if not path.is_file():
+            raise FileNotFoundError(f"{Path(out)} has no teacher {name!r} ({path} is missing); teachers there: "
+                                    f"{', '.join(list_teachers(out)) or 'none'}")
+        self.description: dict = json.loads(path.read_text())
+        if self.description.get("schema_version") != TEACHER_SCHEMA_VERSION:
+            raise ValueError(f"{path}: schema version {self.description.get('schema_version')}, "
+                             f"this flowprep reads {TEACHER_SCHEMA_VERSION}")
+        params = self.description["params"]
+        self.name = name
+        self.grid = ViewGrid(**params["grid"])
+        self.outputs: dict[str, int] = params["outputs"]
+        self._rows: dict[str, dict] | None = None
+        self._columns: dict[str, dict[str, np.ndarray]] = {}
+        self._pid = os.getpid()
+
+    @property
+    def _index(self) -> dict[str, dict]:
+        if self._rows is None:
+            path = self.folder / INDEX
+            self._rows = {r["video_id"]: r for r in pq.read_table(path).to_pylist()} if path.is_file() else {}
+        return self._rows
+
+    @property
+    def video_ids(self) -> list[str]:
+        return list(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, video_id: str) -> bool:
+        return video_id in self._index
+
+    def _video(self, video_id: str) -> dict:
+        try:
+            return self._index[video_id]
+        except KeyError:
+            raise KeyError(f"teacher {self.name!r} has no targets for {video_id!r}") from None
+
+    def views(self, video_id: str) -> list[View]:
+        """The video's views, in row order."""
+        row = self._video(video_id)
+        return self.grid.views(row["positions"], row["height"], row["width"])
+
+    def centre(self, video_id: str) -> View:
+        """The grid view nearest to the evaluation clip (centre start, centre crop, unflipped)."""
+        row = self._video(video_id)
+        return self.grid.centre(row["positions"], row["height"], row["width"])
+
+    def get(self, video_id: str, start: int, top: int, left: int, flip: bool) -> dict[str, np.ndarray]:
+        """Every output of one view, name -> ``[dim]`` float32. ``KeyError`` for a view off the grid."""
+        video = self._video(video_id)
+        row = video["row"] + self.grid.row(View(start, top, left, bool(flip)), video["positions"], video["height"], video["width"])
+        columns = self._shard(video["shard"])
+        return {name: columns[name][row].astype(np.float32) for name in self.outputs}
+
+    def _shard(self, shard: str) -> dict[str, np.ndarray]:
+        if self._pid != os.getpid():  # forked: map the files again in this process
+            self._columns, self._pid = {}, os.getpid()
+        if shard not in self._columns:
+            batch = pa.ipc.open_file(pa.memory_map(str(self.folder / shard))).get_batch(0)
+            # Zero-copy [rows, dim] float16 views of the mapped file.
+            self._columns[shard] = {name: batch.column(name).values.to_numpy(zero_copy_only=True).reshape(-1, dim)
+                                    for name, dim in self.outputs.items()}
+        return self._columns[shard]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_columns": {}}

@@ -1,0 +1,1 @@
+"""Teacher flow-stream networks and their precomputed targets."""

@@ -100,6 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--shards", nargs="+", required=True)
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--model", required=True, help="s3dg, i3d or package.module:factory")
+    parser.add_argument("--num-classes", type=int, help="classes of the network (default: the checkpoint's)")
     parser.add_argument("--layer", required=True, help="an end point, e.g. Mixed_3c, Mixed_4f, Mixed_5c")
     parser.add_argument("--decoder", choices=("simple", "spatial"), default="simple")
     parser.add_argument("--out", required=True, type=Path)
@@ -123,7 +124,10 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     state = load_state(args.checkpoint)
     in_channels = next(v.shape[1] for k, v in state.items() if k.endswith("weight") and v.dim() == 5)
-    network = build_model(args.model, in_channels, checkpoint_num_classes(state))
+    num_classes = args.num_classes or checkpoint_num_classes(state)
+    if num_classes is None:
+        raise SystemExit("--num-classes is needed: the checkpoint does not tell it")
+    network = build_model(args.model, in_channels, num_classes)
     load_weights(network, state)
     network.eval().requires_grad_(False).to(device)
     modality = {3: "rgb", 2: "flow"}[in_channels]

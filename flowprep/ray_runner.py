@@ -290,10 +290,12 @@ def ray_teacher_outputs(items, out, config, state, num_classes: int, flow_bound:
                       .remote(str(out), config.grid) for _ in range(readers)]
     ray.get([a.__ray_ready__.remote() for a in models + window_readers])
     log.info("ray: %d teacher workers on %s, %d readers", workers, device, readers)
-    return _teacher_in_order(items, window_readers, models)
+    return _teacher_in_order(items, window_readers, models, state_ref)
 
 
-def _teacher_in_order(items, readers, models):
+def _teacher_in_order(items, readers, models, state_ref):
+    """Items in flight, results in order. Holds ``state_ref`` (the weights) so that a restarted
+    model actor can be constructed again."""
     pending = deque()
     try:
         for i, item in enumerate(items):

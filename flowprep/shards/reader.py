@@ -49,6 +49,8 @@ class ShardReader:
         self._rows: dict[str, dict] | None = None
         self._files: OrderedDict[str, object] = OrderedDict()
         self._pid = os.getpid()
+        # The columns this process has read frames of: how a training job shows it never read flow.
+        self.columns_read: set[str] = set()
 
     @property
     def _index(self) -> dict[str, dict]:
@@ -116,6 +118,7 @@ class ShardReader:
         bad = [i for i in indices if not 0 <= i < length]
         if bad:
             raise IndexError(f"{video_id}: {column} frame {bad[0]} out of range [0, {length})")
+        self.columns_read.add(column)
         shard = self._shard(row["shard"])
         if self.format == "hdf5":
             dataset = shard[f"videos/{video_id}/{column}"]

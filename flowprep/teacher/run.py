@@ -206,7 +206,7 @@ class TeacherModel:
     def clip(self, frames: torch.Tensor, rows: np.ndarray, view: View) -> torch.Tensor:
         """One view's input ``[2, T, crop, crop]`` float32 from a segment's ``[F, H, W, 2]`` frames."""
         crop = self.config.grid.crop
-        x = frames[torch.from_numpy(rows).to(self.device), view.top : view.top + crop, view.left : view.left + crop]
+        x = frames[torch.tensor(rows, device=self.device), view.top : view.top + crop, view.left : view.left + crop]
         if view.flip:
             x = x.flip(2)
         x = x.permute(3, 0, 1, 2)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -100,3 +104,15 @@ def small_shards(tmp_path_factory) -> Path:
     config = ExtractConfig(short_side=112, chunk_frames=8, shard_size=1)
     assert extract(root, out, config, workers=0, progress=False).written == len(videos)
     return out
+
+
+def kill_cli_when(args, line_start: str) -> int:
+    """Run ``flowprep ARGS`` in its own process group and SIGKILL the whole group (driver and any
+    local Ray) as soon as its log has a line containing ``line_start``; returns the exit status."""
+    proc = subprocess.Popen([sys.executable, "-m", "flowprep.cli", *map(str, args)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for line in proc.stderr:
+        if line_start in line:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    return proc.wait()

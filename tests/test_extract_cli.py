@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -17,7 +16,7 @@ from flowprep import ShardReader
 from flowprep.samples import sample_clip
 from flowprep.shards.layout import complete_shards
 
-from conftest import index_frame, read_index, textured_image, write_video
+from conftest import index_frame, kill_cli_when, read_index, textured_image, write_video
 
 SMALL = ["--short-side", "48", "--max-frames", "10", "--chunk-frames", "4", "--no-progress"]
 
@@ -148,14 +147,7 @@ def test_killed_run_resumes_to_the_same_output(tmp_path):
     assert "decoder error after" in failures(reference)[0]["error"]
 
     # Kill the whole process group (driver and its local Ray) once the first shard is complete.
-    proc = subprocess.Popen([sys.executable, "-m", "flowprep.cli", "extract", *map(str, args), "--out", str(out), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    for line in proc.stderr:
-        if "shard complete" in line:
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    assert kill_cli_when(["extract", *args, "--out", out, "--workers", 1], "shard complete") == -signal.SIGKILL
     killed_at = complete_shards(out)
     assert 1 <= len(killed_at) < 6
     assert {r["video_id"] for r in pq.read_table(out / "index.parquet").to_pylist()} < {f"pan{v}" for v in range(6)}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -19,6 +18,8 @@ from flowprep.teacher.models import build_model, sequence_logits
 from flowprep.teacher.run import TeacherConfig, compute_targets
 from flowprep.teacher.targets import TeacherTargets, list_teachers
 from flowprep.teacher.views import View, ViewGrid
+
+from conftest import kill_cli_when
 
 CLIP, CROP, STRIDE = 8, 112, 8
 GRID = ViewGrid(clip_len=CLIP, crop=CROP, window_stride=STRIDE)
@@ -173,14 +174,7 @@ def test_killed_run_resumes_to_the_same_files_and_ray_matches_in_process(small_s
     flowprep("teacher", *args, "--name", "reference", "--workers", 0)
     reference = out / "teachers" / "reference"
 
-    proc = subprocess.Popen([sys.executable, "-m", "flowprep.cli", "teacher", *map(str, args), "--name", "killed", "--workers", "0"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    for line in proc.stderr:
-        if "target shard complete" in line:
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    assert kill_cli_when(["teacher", *args, "--name", "killed", "--workers", 0], "target shard complete") == -signal.SIGKILL
     killed = out / "teachers" / "killed"
     killed_at = len(complete_shards(killed))
     assert 1 <= killed_at < 5

@@ -48,7 +48,7 @@ def test_items_have_the_documented_shapes_types_and_ranges(shards):
     ds = dataset(shards)
     assert len(ds) == 4
     item = ds[0]
-    assert set(item) == {"rgb", "flow", "label", "video_id", "start", "flip"}
+    assert set(item) == {"rgb", "flow", "label", "video_id", "start", "crop", "flip"}
     assert item["rgb"].dtype == item["flow"].dtype == torch.float32
     assert item["rgb"].shape == (3, T, CROP, CROP) and item["flow"].shape == (2, T, CROP, CROP)
     assert -1 <= item["rgb"].min() and item["rgb"].max() <= 1 and -1 <= item["flow"].min() and item["flow"].max() <= 1

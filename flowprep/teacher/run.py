@@ -85,11 +85,10 @@ class TeacherConfig:
 
 @dataclass(frozen=True)
 class Segment:
-    """Consecutive views ``views`` of one video, its rows ``[first, first + len(views))``."""
+    """Consecutive views of one video of ``positions`` flow positions, in grid order."""
 
     video_id: str
     positions: int
-    first: int
     views: tuple[View, ...]
 
 
@@ -142,7 +141,7 @@ def plan_items(reader: ShardReader, shards: Iterable[str], grid: ViewGrid, views
             first = 0
             while first < len(views):
                 room = views_per_item - sum(len(s.views) for s in segments)
-                segments.append(Segment(video_id, positions, first, tuple(views[first : first + room])))
+                segments.append(Segment(video_id, positions, tuple(views[first : first + room])))
                 first += room
                 if sum(len(s.views) for s in segments) == views_per_item:
                     yield WorkItem(shard, tuple(segments))

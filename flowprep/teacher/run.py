@@ -385,7 +385,7 @@ def compute_targets(
     log.info("teacher %s: %d videos, %d done before, %d views to compute", name, len(reader), report.skipped, total_views)
 
     items = plan_items(reader, todo, config.grid, views_per_item)
-    if workers == 0:
+    if workers == 0 or not todo:
         model = probe if device == "cpu" else TeacherModel(config, state, num_classes, reader.flow_bound, device)
         results = local_outputs(items, reader, model)
     else:

@@ -123,12 +123,22 @@ class DecodeWorker:
 
 
 def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to ``address`` (or ``$RAY_ADDRESS``), or start a local Ray with ``num_cpus``."""
+    """Connect to ``address`` (or ``$RAY_ADDRESS``), or start a local Ray with ``num_cpus``.
+
+    A cluster that cannot be reached is a ``ValueError`` saying what to check: since Ray 2.60 a
+    machine holding ``~/.ray/auth_token`` starts clusters with token authentication, which a
+    client without the token cannot pass.
+    """
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+        except ConnectionError as e:
+            raise ValueError(f"cannot connect to the Ray cluster at {address}: {str(e).splitlines()[0]}. Check the "
+                             "address; a cluster started with token authentication (Ray >= 2.60, ~/.ray/auth_token) "
+                             "needs RAY_AUTH_MODE=token and the same token here") from None
     else:
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
 
@@ -231,8 +241,7 @@ def _in_order(specs, decode_workers, flow_workers, window):
             submit()
             yield spec, _chunks(generator)
     finally:
-        for actor in flow_workers + decode_workers:
-            ray.kill(actor)
+        kill_actors(flow_workers + decode_workers)
 
 
 class FlowWindowReader:
@@ -306,7 +315,13 @@ def _teacher_in_order(items, readers, models, state_ref):
         while pending:
             yield _teacher_result(*pending.popleft())
     finally:
-        for actor in models + readers:
+        kill_actors(models + readers)
+
+
+def kill_actors(actors) -> None:
+    """Stop ``actors``, unless Ray is already down: ``ray.kill`` would then start a new local Ray."""
+    if ray.is_initialized():
+        for actor in actors:
             ray.kill(actor)
 
 

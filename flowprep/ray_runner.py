@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ from collections.abc import Iterator
 import cv2
 import ray
 
-from flowprep.errors import VideoError
+from flowprep.errors import DecodeError, VideoError
 from flowprep.flow import BACKENDS, get_backend
 from flowprep.flow.batching import PairBatcher
 from flowprep.pipeline import ExtractConfig, VideoChunk, decode_chunks, flow_chunk
@@ -48,7 +49,20 @@ GPU_VIDEOS = 32
 GPU_CHUNKS = 2 * GPU_VIDEOS * FLOW_LOOKAHEAD
 
 
+# Attempts at a chunk's flow, and at a whole video, when the worker doing it is lost.
+FLOW_ATTEMPTS = 4
+VIDEO_ATTEMPTS = 3
+# How long a run waits for a flow worker when it has none (starting, or restarting after a lost
+# node): a cluster that autoscales or restarts a node has this long to bring one back.
+WORKER_WAIT_S = float(os.environ.get("FLOWPREP_WORKER_WAIT_S", 600))
+# Faults of the cluster, not of the video: the work is done again elsewhere.
+TRANSIENT = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError,
+             ray.exceptions.NodeDiedError)
+
+
 class WorkerError(VideoError):
+    """A video lost to cluster faults on every attempt; a later run tries it again."""
+
     stage = "worker"
 
 
@@ -73,53 +87,100 @@ class FlowWorker:
 
 
 class DecodeWorker:
+    """Decodes videos and has their chunks' flow computed by the flow workers, in order.
+
+    A flow worker counts as alive once it answered a ping; one lost while it held a chunk (its
+    process killed, its node gone) is pinged again and left aside until it answers, and the
+    chunk goes to a live worker, up to ``FLOW_ATTEMPTS`` times. Flow is deterministic, so where
+    a chunk was solved changes no byte.
+    """
+
     def __init__(self, config: ExtractConfig, flow_worker_names: list[str]):
         cv2.setNumThreads(1)
         self.config = config
         # Names, not handles: a restarted decoder finds the flow actors again by itself.
         self.flow_workers = [ray.get_actor(name) for name in flow_worker_names]
         self._pending: dict = {}  # flow task -> (worker index, pixels still to solve)
+        self._down = {w: worker.device.remote() for w, worker in enumerate(self.flow_workers)}  # worker -> ping
         self._lock = threading.Lock()
 
+    def _alive(self) -> list[int]:
+        """The workers that answered their last ping, waiting up to ``WORKER_WAIT_S`` for one."""
+        deadline = time.monotonic() + WORKER_WAIT_S
+        while True:
+            pings = list(self._down.values())
+            answered, _ = ray.wait(pings, num_returns=len(pings), timeout=0) if pings else ([], [])
+            for w, ping in list(self._down.items()):
+                if ping in answered:
+                    try:
+                        ray.get(ping)
+                        del self._down[w]
+                    except TRANSIENT:
+                        self._down[w] = self.flow_workers[w].device.remote()
+            alive = [w for w in range(len(self.flow_workers)) if w not in self._down]
+            if alive:
+                return alive
+            if time.monotonic() > deadline:
+                raise WorkerError(f"no flow worker alive for {WORKER_WAIT_S:.0f} s (FLOWPREP_WORKER_WAIT_S)")
+            ray.wait(list(self._down.values()), num_returns=1, timeout=5)
+
     def _submit(self, chunk: VideoChunk):
-        """Send ``chunk`` to the flow worker with the fewest pixels still to solve: chunks differ
-        in size, so round-robin would leave some workers idle while others queue."""
+        """Send ``chunk`` to the live flow worker with the fewest pixels still to solve (chunks
+        differ in size, so round-robin would leave some workers idle while others queue);
+        returns the task and the worker's index."""
         cost = (len(chunk.gray) - 1) * chunk.height * chunk.width
         with self._lock:
             if self._pending:
                 done, _ = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=0, fetch_local=False)
                 for ref in done:
                     del self._pending[ref]
-            load = [0] * len(self.flow_workers)
+            load = {w: 0 for w in self._alive()}
             for worker, pixels in self._pending.values():
-                load[worker] += pixels
-            worker = load.index(min(load))
+                if worker in load:
+                    load[worker] += pixels
+            worker = min(load, key=lambda w: (load[w], w))
             ref = self.flow_workers[worker].flow.remote(chunk)
             self._pending[ref] = (worker, cost)
-        return ref
+        return ref, worker
 
     def decode(self, spec: VideoSpec):
-        in_flight = deque()
+        in_flight = deque()  # (chunk, flow task, worker)
         try:
-            try:
-                # One FFmpeg thread a video: decoders reserve no CPU, the flow workers own the cores.
-                for chunk in decode_chunks(spec, self.config, decoder_threads=1):
-                    in_flight.append(self._submit(chunk))
-                    if len(in_flight) >= FLOW_LOOKAHEAD:
-                        yield self._result(in_flight.popleft())
-            finally:
-                # Chunks decoded before a failure are delivered first, as in-process extraction
-                # does: the shard bytes must not depend on where the work ran.
-                while in_flight:
-                    yield self._result(in_flight.popleft())
-        except ray.exceptions.RayTaskError as e:
-            raise (e.cause if isinstance(e.cause, VideoError) else e) from None
+            # One FFmpeg thread a video: decoders reserve no CPU, the flow workers own the cores.
+            for chunk in decode_chunks(spec, self.config, decoder_threads=1):
+                in_flight.append((chunk, *self._submit(chunk)))
+                if len(in_flight) >= FLOW_LOOKAHEAD:
+                    yield self._result(*in_flight.popleft())
+        except DecodeError:
+            # Chunks decoded before a decode failure are delivered first, as in-process
+            # extraction does: the shard bytes must not depend on where the work ran.
+            while in_flight:
+                yield self._result(*in_flight.popleft())
+            raise
+        while in_flight:
+            yield self._result(*in_flight.popleft())
 
-    def _result(self, ref) -> VideoChunk:
-        chunk = ray.get(ref)
-        with self._lock:
-            self._pending.pop(ref, None)
-        return chunk
+    def _result(self, chunk: VideoChunk, ref, worker: int) -> VideoChunk:
+        """The chunk with its flow; a lost worker's chunk goes to another live one."""
+        for attempt in range(1, FLOW_ATTEMPTS + 1):
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayTaskError as e:
+                raise (e.cause if isinstance(e.cause, VideoError) else e) from None
+            except TRANSIENT as e:
+                with self._lock:
+                    self._pending.pop(ref, None)
+                    self._down[worker] = self.flow_workers[worker].device.remote()
+                log.warning("%s frames %d+: flow worker %d lost (%s), attempt %d of %d",
+                            chunk.video_id, chunk.start, worker, type(e).__name__, attempt, FLOW_ATTEMPTS)
+                if attempt == FLOW_ATTEMPTS:
+                    raise WorkerError(f"flow of frames {chunk.start}+ lost with its worker {FLOW_ATTEMPTS} times: "
+                                      f"{type(e).__name__}") from None
+                ref, worker = self._submit(chunk)
+                continue
+            with self._lock:
+                self._pending.pop(ref, None)
+            return result
 
 
 def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -151,19 +212,36 @@ def cluster_gpus() -> int:
 def _video_error(e: Exception) -> VideoError:
     if isinstance(e, ray.exceptions.RayTaskError) and isinstance(e.cause, VideoError):
         return e.cause
-    if isinstance(e, ray.exceptions.RayActorError):
+    if isinstance(e, TRANSIENT):
         return WorkerError(f"worker process died: {e.__class__.__name__}")
     return WorkerError(str(e).splitlines()[0])
 
 
-def _chunks(generator) -> Iterator[VideoChunk]:
-    try:
-        for ref in generator:
-            yield ray.get(ref)
-    except ray.exceptions.RayError as e:  # a task's error, a dead worker, an object lost with its node
-        for _ in generator:  # let the decoder finish this video rather than block on backpressure
-            pass
-        raise _video_error(e) from None
+def _chunks(spec: VideoSpec, decode) -> Iterator[VideoChunk]:
+    """The chunks of ``spec`` from ``decode(attempt)`` (a decode task's generator). A decoder lost
+    on the way (its node gone) or a chunk lost with a node is a cluster fault: the video is
+    decoded again by another decoder, up to ``VIDEO_ATTEMPTS`` times, and the chunks already
+    delivered are skipped, so the writer sees each chunk once, in order."""
+    delivered = 0  # frames handed out
+    for attempt in range(VIDEO_ATTEMPTS):
+        generator = decode(attempt)
+        try:
+            for ref in generator:
+                chunk = ray.get(ref)
+                if chunk.start < delivered:
+                    continue
+                delivered = chunk.start + len(chunk.rgb)
+                yield chunk
+            return
+        except TRANSIENT as e:
+            log.warning("%s: decoder lost at frame %d (%s), attempt %d of %d", spec.video_id, delivered, type(e).__name__,
+                        attempt + 1, VIDEO_ATTEMPTS)
+            error = e
+        except ray.exceptions.RayError as e:  # the video's own error
+            for _ in generator:  # let the decoder finish this video rather than block on backpressure
+                pass
+            raise _video_error(e) from None
+    raise WorkerError(f"lost with its decoder {VIDEO_ATTEMPTS} times: {type(error).__name__}")
 
 
 def ray_video_chunks(
@@ -215,10 +293,39 @@ def ray_video_chunks(
         .remote(config, names)
         for _ in range(decoders)
     ]
-    ray.get([actor.__ray_ready__.remote() for actor in flow_workers + decode_workers])  # a backend that cannot start fails here
-    devices = ray.get([actor.device.remote() for actor in flow_workers])
+    ray.get([actor.__ray_ready__.remote() for actor in decode_workers])
+    devices = wait_for_workers(flow_workers, "flow workers")  # a backend that cannot start fails here
     log.info("ray: %d flow workers (%s on %s), %d decoders", workers, config.flow_backend, ", ".join(sorted(set(devices))), decoders)
     return _in_order(specs, decode_workers, flow_workers, window)
+
+
+def wait_for_workers(actors, what: str) -> list[str]:
+    """Wait until one of ``actors`` (with a ``device`` method) is placed and started; returns the
+    devices of those started. The others join as the cluster frees resources for them: a run
+    starts with what it can get. Says every 10 s what it waits for; ``WorkerError`` after
+    ``WORKER_WAIT_S``. An actor whose constructor fails raises its error here."""
+    pending = {actor.device.remote(): actor for actor in actors}
+    devices: list[str] = []
+    deadline = time.monotonic() + WORKER_WAIT_S
+    while not devices:
+        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=10)
+        devices += ray.get(ready)
+        for ref in ready:
+            del pending[ref]
+        if devices:
+            break
+        if time.monotonic() > deadline:
+            raise WorkerError(f"none of {len(actors)} {what} could start in {WORKER_WAIT_S:.0f} s: the cluster has "
+                              f"{ray.available_resources()} free of {ray.cluster_resources()}")
+        log.warning("waiting for %s: none of %d started yet; free in the cluster: %s (another job may hold them)",
+                    what, len(actors), {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")})
+    if pending:
+        log.warning("%d of %d %s started; the other %d join when the cluster has room", len(devices), len(actors), what, len(pending))
+    return devices
+
+
+def decode_task(decoder, spec: VideoSpec):
+    return decoder.decode.options(_generator_backpressure_num_objects=BACKPRESSURE_CHUNKS).remote(spec)
 
 
 def _in_order(specs, decode_workers, flow_workers, window):
@@ -229,17 +336,19 @@ def _in_order(specs, decode_workers, flow_workers, window):
         item = next(todo, None)
         if item is not None:
             i, spec = item
-            decoder = decode_workers[i % len(decode_workers)]
-            generator = decoder.decode.options(_generator_backpressure_num_objects=BACKPRESSURE_CHUNKS).remote(spec)
-            pending.append((spec, generator))
+            pending.append((spec, decode_task(decode_workers[i % len(decode_workers)], spec), i))
 
     for _ in range(window):
         submit()
     try:
         while pending:
-            spec, generator = pending.popleft()
+            spec, first, i = pending.popleft()
             submit()
-            yield spec, _chunks(generator)
+
+            def decode(attempt, spec=spec, first=first, i=i):
+                return first if attempt == 0 else decode_task(decode_workers[(i + attempt) % len(decode_workers)], spec)
+
+            yield spec, _chunks(spec, decode)
     finally:
         kill_actors(flow_workers + decode_workers)
 

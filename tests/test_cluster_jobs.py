@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 
 from flowprep.ray_runner import kill_actors
 from flowprep.samples import sample_clip
 from flowprep.shards import ShardReader
+from flowprep.shards.layout import complete_shards
+
+from conftest import textured_image, write_video
 
 KINETICS_JOB = Path(__file__).resolve().parents[1] / "pipelines" / "kinetics.py"
 
@@ -52,3 +58,36 @@ def test_missing_default_splits_are_skipped_and_a_named_one_is_an_error(tmp_path
     refused = kinetics("--root", root, "--out", tmp_path / "out2", "--splits", "train,test", *extract)
     assert refused.returncode == 2 and "--splits names test" in refused.stderr
     assert not (tmp_path / "out2").exists()
+
+
+def flow_worker_pids() -> list[int]:
+    found = subprocess.run(["pgrep", "-f", "ray::FlowWorker"], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in found]
+
+
+@pytest.mark.ray
+def test_a_killed_flow_worker_costs_no_video_and_changes_no_byte(tmp_path):
+    src = tmp_path / "src" / "pans"
+    image = textured_image(64, 96)
+    for v in range(8):
+        write_video(src / f"pan{v}.mp4", [np.roll(image, v + 1 + i, axis=1) for i in range(12)])
+    args = ["extract", "--src", src.parent, "--shard-size", "1", "--short-side", "48", "--chunk-frames", "4", "--no-progress",
+            "--flow-params", "nscales=1,warps=1,inner_iterations=5,outer_iterations=1,median_filtering=1"]
+    reference, out = tmp_path / "reference", tmp_path / "out"
+    assert subprocess.run([sys.executable, "-m", "flowprep.cli", *map(str, args), "--out", reference, "--workers", "0"],
+                          capture_output=True).returncode == 0
+
+    proc = subprocess.Popen([sys.executable, "-m", "flowprep.cli", *map(str, args), "--out", str(out), "--workers", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    killed = None
+    log = []
+    for line in proc.stderr:
+        log.append(line)
+        if killed is None and "shard complete" in line:
+            killed = flow_worker_pids()[0]
+            os.kill(killed, signal.SIGKILL)
+    assert proc.wait() == 0, "".join(log)
+    assert killed is not None and "8 written, 0 failed" in proc.stdout.read()
+    assert complete_shards(out) == complete_shards(reference)
+    for shard in complete_shards(reference):
+        assert (out / shard).read_bytes() == (reference / shard).read_bytes(), shard

@@ -201,7 +201,8 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
                              "address; a cluster started with token authentication (Ray >= 2.60, ~/.ray/auth_token) "
                              "needs RAY_AUTH_MODE=token and the same token here") from None
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
+        # "local": a Ray of its own, never one that `ray start` left on this machine (alive or dead).
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
 
 
 def cluster_gpus() -> int:

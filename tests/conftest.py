@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from fractions import Fraction
 from pathlib import Path
 
@@ -116,3 +117,72 @@ def kill_cli_when(args, line_start: str) -> int:
             os.killpg(proc.pid, signal.SIGKILL)
             break
     return proc.wait()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RayCluster:
+    """A real Ray cluster of ``ray start`` nodes on loopback addresses of this machine, one CPU
+    each. Each node is one ``ray start --block`` process group, stopped by its own group id
+    (never ``ray stop``, which would stop every Ray on the machine)."""
+
+    def __init__(self, tmp: Path):
+        self.port = _free_port()
+        self.address = f"127.0.0.2:{self.port}"
+        self.tmp = tmp
+        self.nodes: list[subprocess.Popen] = []
+        # Ray >= 2.60 keeps a token in ~/.ray/auth_token and `ray start` turns token auth on:
+        # joining nodes and clients then need RAY_AUTH_MODE=token.
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token"}
+        ray = Path(sys.executable).with_name("ray")
+        subprocess.run([str(ray), "get-auth-token", "--generate"], check=True, capture_output=True, env=self.env)
+        self.start_node(head=True)
+
+    def start_node(self, head: bool = False) -> subprocess.Popen:
+        """Start a node and return once ``ray start`` says it runs (its output then goes to a log file)."""
+        ray = Path(sys.executable).with_name("ray")  # the venv's, whatever PATH says
+        where = ["--head", "--node-ip-address", "127.0.0.2", "--port", str(self.port), "--include-dashboard", "false"] if head \
+            else ["--address", self.address, "--node-ip-address", f"127.0.0.{2 + len(self.nodes)}"]
+        node = subprocess.Popen([str(ray), "start", *where, "--num-cpus", "1", "--block"], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True, env=self.env)
+        self.nodes.append(node)
+        log = open(self.tmp / f"node{len(self.nodes) - 1}.log", "w")
+        for line in node.stdout:
+            log.write(line)
+            if "Ray runtime started" in line:
+                break
+        else:
+            raise RuntimeError(f"ray start failed: see {log.name}")
+        threading.Thread(target=lambda: log.writelines(node.stdout), daemon=True).start()
+        return node
+
+    def kill_node(self, node: subprocess.Popen) -> None:
+        os.killpg(node.pid, signal.SIGKILL)
+        node.wait()
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGTERM)
+                try:
+                    node.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(node.pid, signal.SIGKILL)
+                    node.wait()
+
+
+@pytest.fixture
+def ray_cluster(tmp_path):
+    """A two-node Ray cluster (head and one worker node, one CPU each) for one test."""
+    cluster = RayCluster(tmp_path)
+    try:
+        cluster.start_node()
+        yield cluster
+    finally:
+        cluster.stop()

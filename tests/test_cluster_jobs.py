@@ -65,29 +65,60 @@ def flow_worker_pids() -> list[int]:
     return [int(p) for p in found]
 
 
-@pytest.mark.ray
-def test_a_killed_flow_worker_costs_no_video_and_changes_no_byte(tmp_path):
-    src = tmp_path / "src" / "pans"
-    image = textured_image(64, 96)
-    for v in range(8):
-        write_video(src / f"pan{v}.mp4", [np.roll(image, v + 1 + i, axis=1) for i in range(12)])
-    args = ["extract", "--src", src.parent, "--shard-size", "1", "--short-side", "48", "--chunk-frames", "4", "--no-progress",
-            "--flow-params", "nscales=1,warps=1,inner_iterations=5,outer_iterations=1,median_filtering=1"]
-    reference, out = tmp_path / "reference", tmp_path / "out"
-    assert subprocess.run([sys.executable, "-m", "flowprep.cli", *map(str, args), "--out", reference, "--workers", "0"],
-                          capture_output=True).returncode == 0
+CHEAP_TVL1 = "nscales=1,warps=1,inner_iterations=5,outer_iterations=1,median_filtering=1"
 
-    proc = subprocess.Popen([sys.executable, "-m", "flowprep.cli", *map(str, args), "--out", str(out), "--workers", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    killed = None
-    log = []
+
+@pytest.fixture(scope="module")
+def pans(tmp_path_factory):
+    """Ten small panning videos and their in-process extraction (the reference bytes)."""
+    root = tmp_path_factory.mktemp("pans")
+    image = textured_image(64, 96)
+    for v in range(10):
+        write_video(root / "src" / "pans" / f"pan{v}.mp4", [np.roll(image, v + 1 + i, axis=1) for i in range(12)])
+    args = ["extract", "--src", root / "src", "--shard-size", "1", "--short-side", "48", "--chunk-frames", "4", "--no-progress",
+            "--flow-params", CHEAP_TVL1]
+    result = subprocess.run([sys.executable, "-m", "flowprep.cli", *map(str, args), "--out", root / "reference", "--workers", "0"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return args, root / "reference"
+
+
+def run_and_fault(args, fault, env=None) -> tuple[int, str, str]:
+    """Run ``flowprep ARGS``, call ``fault()`` once the first shard is complete; returns the
+    exit status, stdout and stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", "flowprep.cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
+    log, faulted = [], False
     for line in proc.stderr:
         log.append(line)
-        if killed is None and "shard complete" in line:
-            killed = flow_worker_pids()[0]
-            os.kill(killed, signal.SIGKILL)
-    assert proc.wait() == 0, "".join(log)
-    assert killed is not None and "8 written, 0 failed" in proc.stdout.read()
+        if not faulted and "shard complete" in line:
+            fault()
+            faulted = True
+    assert faulted, "".join(log)
+    return proc.wait(), proc.stdout.read(), "".join(log)
+
+
+def assert_same_shards(out: Path, reference: Path) -> None:
     assert complete_shards(out) == complete_shards(reference)
     for shard in complete_shards(reference):
         assert (out / shard).read_bytes() == (reference / shard).read_bytes(), shard
+
+
+@pytest.mark.ray
+def test_a_killed_flow_worker_costs_no_video_and_changes_no_byte(pans, tmp_path):
+    args, reference = pans
+    status, stdout, log = run_and_fault([*args, "--out", tmp_path / "out", "--workers", 2],
+                                        lambda: os.kill(flow_worker_pids()[0], signal.SIGKILL))
+    assert status == 0, log
+    assert "10 written, 0 failed" in stdout and "flow worker 0 lost" in log or "flow worker 1 lost" in log
+    assert_same_shards(tmp_path / "out", reference)
+
+
+@pytest.mark.cluster
+def test_a_lost_node_costs_no_video_and_changes_no_byte(pans, ray_cluster, tmp_path):
+    args, reference = pans
+    status, stdout, log = run_and_fault([*args, "--out", tmp_path / "out", "--workers", 2, "--ray-address", ray_cluster.address],
+                                        lambda: ray_cluster.kill_node(ray_cluster.nodes[1]), env=ray_cluster.env)
+    assert status == 0, log
+    assert "10 written, 0 failed" in stdout
+    assert_same_shards(tmp_path / "out", reference)

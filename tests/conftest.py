@@ -132,9 +132,10 @@ class RayCluster:
     each. Each node is one ``ray start --block`` process group, stopped by its own group id
     (never ``ray stop``, which would stop every Ray on the machine)."""
 
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, dashboard: bool = False):
         self.port = _free_port()
         self.address = f"127.0.0.2:{self.port}"
+        self.dashboard = f"http://127.0.0.2:{_free_port()}" if dashboard else None
         self.tmp = tmp
         self.nodes: list[subprocess.Popen] = []
         # Ray >= 2.60 keeps a token in ~/.ray/auth_token and `ray start` turns token auth on:
@@ -147,7 +148,9 @@ class RayCluster:
     def start_node(self, head: bool = False) -> subprocess.Popen:
         """Start a node and return once ``ray start`` says it runs (its output then goes to a log file)."""
         ray = Path(sys.executable).with_name("ray")  # the venv's, whatever PATH says
-        where = ["--head", "--node-ip-address", "127.0.0.2", "--port", str(self.port), "--include-dashboard", "false"] if head \
+        dashboard = ["--dashboard-host", "127.0.0.2", "--dashboard-port", self.dashboard.rsplit(":", 1)[1]] if self.dashboard \
+            else ["--include-dashboard", "false"]
+        where = ["--head", "--node-ip-address", "127.0.0.2", "--port", str(self.port), *dashboard] if head \
             else ["--address", self.address, "--node-ip-address", f"127.0.0.{2 + len(self.nodes)}"]
         node = subprocess.Popen([str(ray), "start", *where, "--num-cpus", "1", "--block"], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True, env=self.env)

@@ -18,7 +18,7 @@ from flowprep.samples import sample_clip
 from flowprep.shards import ShardReader
 from flowprep.shards.layout import complete_shards
 
-from conftest import textured_image, write_video
+from conftest import RayCluster, textured_image, write_video
 
 KINETICS_JOB = Path(__file__).resolve().parents[1] / "pipelines" / "kinetics.py"
 
@@ -122,3 +122,20 @@ def test_a_lost_node_costs_no_video_and_changes_no_byte(pans, ray_cluster, tmp_p
     assert status == 0, log
     assert "10 written, 0 failed" in stdout
     assert_same_shards(tmp_path / "out", reference)
+
+
+@pytest.mark.cluster
+def test_ray_job_submit_runs_the_kinetics_job(tmp_path):
+    cluster = RayCluster(tmp_path, dashboard=True)
+    try:
+        root = kinetics_download(tmp_path / "k400", ("train", "val"))
+        ray = Path(sys.executable).with_name("ray")
+        submitted = subprocess.run(
+            [str(ray), "job", "submit", "--address", cluster.dashboard, "--", sys.executable, str(KINETICS_JOB), "--root", str(root),
+             "--out", str(tmp_path / "out"), "--", "--max-frames", "4", "--short-side", "32", "--no-progress"],
+            capture_output=True, text=True, env=cluster.env, timeout=600)
+        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+        assert "succeeded" in submitted.stdout
+        assert [ShardReader(tmp_path / "out" / s).video_ids for s in ("train", "val")] == [["bikes_train"], ["bikes_val"]]
+    finally:
+        cluster.stop()

@@ -139,3 +139,23 @@ def test_ray_job_submit_runs_the_kinetics_job(tmp_path):
         assert [ShardReader(tmp_path / "out" / s).video_ids for s in ("train", "val")] == [["bikes_train"], ["bikes_val"]]
     finally:
         cluster.stop()
+
+
+@pytest.mark.cluster
+def test_a_run_starts_with_the_workers_it_can_get_beside_another_job(pans, ray_cluster, tmp_path):
+    args, reference = pans
+    holder = ("import ray, sys\nray.init()\n"
+              "a = ray.remote(num_cpus=1)(type('Hold', (), {'ok': lambda self: 1})).remote()\n"
+              "ray.get(a.ok.remote())\nprint('held', flush=True)\nsys.stdin.read()\n")
+    other_job = subprocess.Popen([sys.executable, "-c", holder], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                 env=ray_cluster.env)
+    try:
+        assert other_job.stdout.readline().strip() == "held"  # one of the cluster's two CPUs is taken
+        result = subprocess.run([sys.executable, "-m", "flowprep.cli", *map(str, args), "--out", tmp_path / "out",
+                                 "--ray-address", ray_cluster.address], capture_output=True, text=True, env=ray_cluster.env, timeout=600)
+    finally:
+        other_job.stdin.close()
+        other_job.wait()
+    assert result.returncode == 0, result.stderr
+    assert "1 of 2 flow workers started" in result.stderr and "10 written, 0 failed" in result.stdout
+    assert_same_shards(tmp_path / "out", reference)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -44,3 +45,16 @@ def test_stale_locks_are_taken_over(tmp_path, caplog):
     with output_lock(tmp_path):
         assert json.loads(lock.read_text())["host"] == socket.gethostname()
     assert "not refreshed" in caplog.text
+
+
+def test_a_teacher_run_is_refused_while_another_writes_the_same_targets(small_shards, tmp_path):
+    from flowprep.teacher.run import TeacherConfig, compute_targets
+
+    out = tmp_path / "shards"
+    shutil.copytree(small_shards, out)
+    folder = out / "teachers" / "t"
+    folder.mkdir(parents=True)
+    with output_lock(folder):
+        with pytest.raises(OutputLocked, match="is being written by pid"):
+            compute_targets(out, "t", TeacherConfig("s3dg", None, num_classes=2), workers=0)
+    assert list(folder.iterdir()) == []  # nothing written, and the lock released

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from flowprep.dataset import clip_indices, flow_lookup_tables
 from flowprep.extract import versions
+from flowprep.lock import LOCK, output_lock
 from flowprep.shards import ShardReader
 from flowprep.shards.layout import (
     FAILURES,
@@ -323,8 +324,10 @@ def describe_teacher(out: Path, name: str, config: TeacherConfig, num_classes: i
 def prepare_teacher(folder: Path, description: dict, overwrite: bool) -> None:
     """Create ``folder``, or check that its targets were made with the same params from the same shards."""
     path = folder / TEACHER_JSON
-    if overwrite:
-        shutil.rmtree(folder, ignore_errors=True)
+    if overwrite:  # everything but the lock this run holds
+        for child in folder.iterdir():
+            if child.name != LOCK:
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
     elif path.exists():
         previous = json.loads(path.read_text())
         for key in ("schema_version", "params", "sources"):
@@ -357,11 +360,21 @@ def compute_targets(
 
     ``workers=0`` runs in this process; else Ray (:func:`flowprep.ray_runner.ray_teacher_outputs`).
     Resumable: complete target shards are kept, the others are done again, so a killed run
-    reruns to the same files. Raises :class:`~flowprep.teacher.models.CheckpointMismatch`,
-    :class:`TeacherMismatch`, and ``ValueError`` for unusable options.
+    reruns to the same files. One run at a time writes a teacher folder (its lock,
+    :mod:`flowprep.lock`). Raises :class:`~flowprep.teacher.models.CheckpointMismatch`,
+    :class:`TeacherMismatch`, :class:`~flowprep.lock.OutputLocked`, and ``ValueError`` for
+    unusable options.
     """
-    out = Path(out)
-    reader = ShardReader(out)
+    reader = ShardReader(out)  # before anything is made: OUT must be an extract output
+    folder = teacher_dir(out, name)
+    folder.mkdir(parents=True, exist_ok=True)
+    with output_lock(folder):
+        return _compute_targets(reader, name, config, overwrite, workers, ray_address, progress)
+
+
+def _compute_targets(reader: ShardReader, name: str, config: TeacherConfig, overwrite: bool, workers: int | None,
+                     ray_address: str | None, progress: bool | None) -> TeacherReport:
+    out = reader.out
     state = load_state(config.checkpoint) if config.checkpoint else None
     num_classes = config.num_classes or (checkpoint_num_classes(state) if state else None)
     if num_classes is None:

@@ -70,11 +70,11 @@ CHEAP_TVL1 = "nscales=1,warps=1,inner_iterations=5,outer_iterations=1,median_fil
 
 @pytest.fixture(scope="module")
 def pans(tmp_path_factory):
-    """Ten small panning videos and their in-process extraction (the reference bytes)."""
+    """Six small panning videos and their in-process extraction (the reference bytes)."""
     root = tmp_path_factory.mktemp("pans")
     image = textured_image(64, 96)
-    for v in range(10):
-        write_video(root / "src" / "pans" / f"pan{v}.mp4", [np.roll(image, v + 1 + i, axis=1) for i in range(12)])
+    for v in range(6):
+        write_video(root / "src" / "pans" / f"pan{v}.mp4", [np.roll(image, v + 1 + i, axis=1) for i in range(10)])
     args = ["extract", "--src", root / "src", "--shard-size", "1", "--short-side", "48", "--chunk-frames", "4", "--no-progress",
             "--flow-params", CHEAP_TVL1]
     result = subprocess.run([sys.executable, "-m", "flowprep.cli", *map(str, args), "--out", root / "reference", "--workers", "0"],
@@ -110,7 +110,7 @@ def test_a_killed_flow_worker_costs_no_video_and_changes_no_byte(pans, tmp_path)
     status, stdout, log = run_and_fault([*args, "--out", tmp_path / "out", "--workers", 2],
                                         lambda: os.kill(flow_worker_pids()[0], signal.SIGKILL))
     assert status == 0, log
-    assert "10 written, 0 failed" in stdout and "flow worker 0 lost" in log or "flow worker 1 lost" in log
+    assert "6 written, 0 failed" in stdout and " lost (" in log  # the decoder's word that it sent the chunk elsewhere
     assert_same_shards(tmp_path / "out", reference)
 
 
@@ -120,7 +120,7 @@ def test_a_lost_node_costs_no_video_and_changes_no_byte(pans, ray_cluster, tmp_p
     status, stdout, log = run_and_fault([*args, "--out", tmp_path / "out", "--workers", 2, "--ray-address", ray_cluster.address],
                                         lambda: ray_cluster.kill_node(ray_cluster.nodes[1]), env=ray_cluster.env)
     assert status == 0, log
-    assert "10 written, 0 failed" in stdout
+    assert "6 written, 0 failed" in stdout
     assert_same_shards(tmp_path / "out", reference)
 
 
@@ -157,5 +157,5 @@ def test_a_run_starts_with_the_workers_it_can_get_beside_another_job(pans, ray_c
         other_job.stdin.close()
         other_job.wait()
     assert result.returncode == 0, result.stderr
-    assert "1 of 2 flow workers started" in result.stderr and "10 written, 0 failed" in result.stdout
+    assert "1 of 2 flow workers started" in result.stderr and "6 written, 0 failed" in result.stdout
     assert_same_shards(tmp_path / "out", reference)

@@ -2,23 +2,34 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import math
+import os
 import re
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import click
 
-from flowprep.extract import ExtractReport, OutputMismatch, allowed_failures, extract
-from flowprep.flow import parse_flow_params
+from flowprep.errors import OptionError
+from flowprep.extract import ExtractReport, OutputMismatch, OutputRefused, allowed_failures, extract
+from flowprep.flow import BACKENDS, parse_flow_params
+from flowprep.lock import OutputLocked
 from flowprep.pipeline import ExtractConfig
 from flowprep.shards import ShardReader
 from flowprep.shards.layout import FAILURES, read_failures
 from flowprep.teacher.targets import list_teachers
 
 EXIT_FAILURES = 3
+NO_SPACE = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+NO_SPLIT = "(no split)"  # info's name for the videos that came without a split
+# What reading an output folder raises for an ordinary problem (missing, damaged, unknown video):
+# one line each, exit status 1.
+READ_ERRORS = (OSError, ValueError, KeyError, IndexError)
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 
 
@@ -28,7 +39,37 @@ def parse_size(text: str) -> int:
     if not match:
         raise click.BadParameter(f"{text!r} is not a size like 512M or 1GiB")
     number, unit = match.groups()
-    return int(float(number) * 1024 ** "_KMGT".index(unit.upper() or "_"))
+    size = int(float(number) * 1024 ** "_KMGT".index(unit.upper() or "_"))
+    if size < 1:
+        raise click.BadParameter(f"{text!r} is less than one byte")
+    return size
+
+
+class FiniteFloatRange(click.FloatRange):
+    """``click.FloatRange`` without NaN and infinities (which click's range lets through)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+def bad_usage(error: OptionError) -> click.UsageError:
+    """``error`` as bad usage of the current command (exit status 2), naming the option it concerns."""
+    ctx = click.get_current_context()
+    param = next((p for p in ctx.command.params if p.name == error.option), None)
+    return click.BadParameter(str(error), ctx, param) if param else click.UsageError(str(error), ctx)
+
+
+def one_line(error: Exception) -> str:
+    """``error`` as the one line the CLI prints: a system error's file and reason (without
+    library detail), a KeyError's message unquoted, else the message."""
+    if isinstance(error, KeyError) and error.args:
+        return str(error.args[0])
+    if isinstance(error, OSError) and error.errno:
+        return f"{error.filename}: {error.strerror}" if error.filename else os.strerror(error.errno)
+    return str(error)
 
 
 def human_bytes(n: float) -> str:
@@ -59,20 +100,21 @@ def extract_options(f):
         click.option("--fps", default=25, show_default=True, type=click.IntRange(min=1), help="Output frame rate, resampled by timestamp."),
         click.option("--short-side", default=256, show_default=True, type=click.IntRange(min=16), help="Resize the short side to this many pixels."),
         click.option("--max-frames", type=click.IntRange(min=2), help="At most N frames per video."),
-        click.option("--flow", "flow_backend", default="auto", show_default=True, help="Flow backend: torch (PyTorch TV-L1, on a GPU when there is one), opencv-cuda (needs OpenCV built with CUDA), opencv (CPU), or auto: torch on a GPU, then opencv-cuda, then opencv."),
+        click.option("--flow", "flow_backend", default="auto", show_default=True, type=click.Choice(["auto", *sorted(BACKENDS)]), help="Flow backend: torch (PyTorch TV-L1, on a GPU when there is one), opencv-cuda (needs OpenCV built with CUDA), opencv (CPU), or auto: torch on a GPU, then opencv-cuda, then opencv."),
         click.option("--flow-params", default="", help="TV-L1 parameters, e.g. tau=0.25,lambda=0.15,warps=5 (all recorded). torch: variant=cpu (OpenCV CPU's algorithm, the default) or variant=cuda (OpenCV CUDA's, with iterations=300)."),
-        click.option("--flow-bound", default=20.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Clip flow to ±this many pixels."),
+        click.option("--flow-bound", default=20.0, show_default=True, type=FiniteFloatRange(min=0, min_open=True), help="Clip flow to ±this many pixels."),
         click.option("--flow-dtype", default="uint8", show_default=True, type=click.Choice(["uint8", "float16"]), help="uint8: quantized to the bound; float16: unquantized."),
         click.option("--rgb-codec", default="jpeg:95", show_default=True, help="RGB frame codec: jpeg:Q, png:L, zstd:L or raw."),
         click.option("--flow-codec", default="zstd:3", show_default=True, help="Flow frame codec: zstd:L, png:L, jpeg:Q or raw."),
         click.option("--format", "fmt", default="arrow", show_default=True, type=click.Choice(["arrow", "hdf5"]), help="Shard file format."),
         click.option("--shard-size", default="1GiB", show_default=True, callback=lambda ctx, p, v: parse_size(v), help="Close a shard once it holds this many bytes (videos are never split)."),
         click.option("--chunk-frames", default=8, show_default=True, type=click.IntRange(min=1), help="Frames per stored batch and per flow task."),
+        click.option("--fail-corrupt", is_flag=True, help="Fail a video (stage decode) when FFmpeg flags one of its frames as corrupt; by default it is written, with a warning and the count in the index."),
         click.option("--workers", type=click.IntRange(min=0), help="Flow workers (default: every CPU of the Ray cluster, or --gpu-share per GPU for a GPU backend; 0: no Ray, this process only)."),
         click.option("--decoders", type=click.IntRange(min=1), help="Decode workers (default: one per 16 CPU flow workers, or per 4 CPUs beside GPU flow workers)."),
         click.option("--gpu-share", default=1, show_default=True, type=click.IntRange(min=1), help="GPU flow workers per GPU; each gets that share of the GPU and of its memory."),
         click.option("--ray-address", envvar="RAY_ADDRESS", help="Ray cluster to use, e.g. auto (default: $RAY_ADDRESS, else a local Ray)."),
-        click.option("--overwrite", is_flag=True, help="Delete an existing output in --out and start over."),
+        click.option("--overwrite", is_flag=True, help="Delete flowprep's output in --out (dataset.json, index.parquet, failures.jsonl, shards/, teachers/) and start over. A folder holding any other file is refused, with or without it."),
         click.option("--retry-failed", is_flag=True, help="On a rerun, try again the videos that failed in complete shards too."),
         click.option("--allow-failures", default="0", show_default=True, help="Failed videos tolerated before the exit status is non-zero: a count (5) or a fraction (0.02)."),
         click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal)."),
@@ -85,7 +127,7 @@ def extract_options(f):
 @main.command("extract")
 @extract_options
 def extract_command(src, out, annotations, trim, labels_file, limit, fps, short_side, max_frames, flow_backend, flow_params,
-                    flow_bound, flow_dtype, rgb_codec, flow_codec, fmt, shard_size, chunk_frames, workers, decoders,
+                    flow_bound, flow_dtype, rgb_codec, flow_codec, fmt, shard_size, chunk_frames, fail_corrupt, workers, decoders,
                     gpu_share, ray_address, overwrite, retry_failed, allow_failures, progress):
     """Decode, compute TV-L1 flow and write RGB + flow shards for every video under --src.
 
@@ -93,22 +135,35 @@ def extract_command(src, out, annotations, trim, labels_file, limit, fps, short_
     command resumes: videos in complete shards are skipped (and so are the failures recorded
     while those shards were written, unless --retry-failed); the rest are done again.
 
+    --out must be new, empty or flowprep's own output: a folder holding files that flowprep did
+    not write is refused (it never deletes them, --overwrite neither).
+
     Exit status: 0 when no video failed or the failures are within --allow-failures; 3 when
-    more failed; 1 on other errors (e.g. --out holds a run with other options); 2 on bad usage.
+    more failed; 1 on other errors (--out holds a run with other options or files flowprep did
+    not write, a damaged shard, a full disk: the output stays resumable); 2 on bad usage.
     """
     try:
         config = ExtractConfig(fps=fps, short_side=short_side, max_frames=max_frames, trim=trim, flow_backend=flow_backend,
                                flow_params=parse_flow_params(flow_params), flow_bound=flow_bound, flow_dtype=flow_dtype,
                                rgb_codec=rgb_codec, flow_codec=flow_codec, format=fmt, shard_size=shard_size,
-                               chunk_frames=chunk_frames)
+                               chunk_frames=chunk_frames, fail_corrupt=fail_corrupt)
         allowed = allowed_failures(allow_failures, 0)
+    except OptionError as e:
+        raise bad_usage(e) from None
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     try:
         report = extract(src, out, config, annotations=annotations, labels_file=labels_file, limit=limit, overwrite=overwrite,
                          retry_failed=retry_failed, workers=workers, decoders=decoders, ray_address=ray_address, gpu_share=gpu_share, progress=progress)
-    except (OutputMismatch, ValueError, FileNotFoundError) as e:
+    except OptionError as e:  # the source or the flow parameters, found wrong before anything is written
+        raise bad_usage(e) from None
+    except (OutputMismatch, OutputRefused, OutputLocked, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
+    except OSError as e:  # no room, no permission, --out below a file
+        if e.errno in NO_SPACE:
+            raise click.ClickException(f"out of space writing to {out} ({one_line(e)}): the output is resumable, "
+                                       "make room and rerun the same command") from None
+        raise click.ClickException(one_line(e)) from None
     print_summary(report, Path(out))
     allowed = allowed_failures(allow_failures, report.videos)
     if report.failed > allowed:
@@ -139,7 +194,7 @@ def describe(out: Path) -> dict:
         "shards": len(shards),
         "shard_bytes": sum((out / s).stat().st_size for s in shards),
         "classes": len(reader.label_map),
-        "videos_per_split": {str(s): sum(r["split"] == s for r in rows) for s in sorted({str(r["split"]) for r in rows})},
+        "videos_per_split": dict(sorted(Counter(r["split"] or NO_SPLIT for r in rows).items())),
         "params": reader.dataset["params"],
         "versions": reader.dataset["versions"],
         "teachers": {name: describe_teacher(out, name) for name in list_teachers(out)},
@@ -161,11 +216,15 @@ def describe_teacher(out: Path, name: str) -> dict:
 @click.argument("out", type=click.Path(exists=True, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def info(out, as_json):
-    """Summarise an output folder: videos, frames, shards, bytes, parameters."""
+    """Summarise an output folder: videos, frames, shards, bytes, parameters.
+
+    Exit status 0, or 1 when the folder cannot be read (one line naming the file). Videos that
+    came without a split are counted as "(no split)".
+    """
     try:
         summary = describe(Path(out))
-    except (FileNotFoundError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
+    except READ_ERRORS as e:
+        raise click.ClickException(one_line(e)) from None
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True))
         return
@@ -173,7 +232,7 @@ def info(out, as_json):
     click.echo(f"{out}: {summary['videos']} videos ({summary['failed']} failed), {summary['frames']} frames, "
                f"{summary['flow_pairs']} flow pairs, {summary['classes']} classes")
     click.echo(f"shards:  {summary['shards']} {p['format']} files, {human_bytes(summary['shard_bytes'])}")
-    click.echo(f"splits:  {summary['videos_per_split']}")
+    click.echo(f"splits:  {', '.join(f'{split}: {n}' for split, n in summary['videos_per_split'].items())}")
     click.echo(f"frames:  {p['fps']} fps, short side {p['short_side']}, rgb {p['rgb_codec']}")
     click.echo(f"flow:    {p['flow_backend']} {p['flow_params']}, ±{p['flow_bound']} px as {p['flow_dtype']} ({p['flow_codec']})")
     for name, t in summary["teachers"].items():
@@ -223,7 +282,7 @@ def teacher_command(out, name, model, checkpoint, num_classes, clip_len, frame_s
                                grid=ViewGrid(clip_len, frame_stride, crop, window_stride, crops, flip),
                                outputs=tuple(o.strip() for o in outputs.split(",") if o.strip()), batch_size=batch_size, device=device)
         report = compute_targets(out, name, config, overwrite=overwrite, workers=workers, ray_address=ray_address, progress=progress)
-    except (CheckpointMismatch, TeacherMismatch, ValueError, FileNotFoundError) as e:
+    except (CheckpointMismatch, TeacherMismatch, OutputLocked, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"videos:  {report.videos} in the shards, {report.skipped} done before, {report.written} written, {report.failed} failed"
                + (f" (see {Path(out) / 'teachers' / name / FAILURES})" if report.failed else ""))
@@ -233,21 +292,36 @@ def teacher_command(out, name, model, checkpoint, num_classes, clip_len, frame_s
 @main.command()
 @click.argument("out", type=click.Path(exists=True, file_okay=False))
 @click.option("--sample-frames", default=3, show_default=True, type=click.IntRange(min=1), help="Frames decoded per video.")
-def verify(out, sample_frames):
+@click.option("--repair", is_flag=True, help="Drop every damaged shard (and leftovers of an interrupted run) and rebuild the index; then rerun the extract command to extract the dropped videos again.")
+def verify(out, sample_frames, repair):
     """Check every shard against the index checksums and decode a sample of frames.
 
-    Exit status 0 when all is whole, 1 with the list of problems otherwise.
+    Exit status 0 when all is whole, 1 with the list of problems otherwise. With --repair, the
+    problems are listed, every damaged shard is dropped with its index rows and the index is
+    rebuilt (exit status 0): a rerun of the same extract command then extracts the videos of the
+    dropped shards again, into new shards.
     """
+    from flowprep.shards.verify import repair as repair_output
     from flowprep.shards.verify import verify as verify_output
 
     try:
-        problems = verify_output(out, sample_frames)
-    except (FileNotFoundError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
+        if repair:
+            problems, dropped = repair_output(out, sample_frames)
+        else:
+            problems = verify_output(out, sample_frames)
+    except READ_ERRORS as e:
+        raise click.ClickException(one_line(e)) from None
     for problem in problems:
         click.echo(problem)
+    if repair:
+        if dropped:
+            click.echo(f"dropped {len(dropped)} damaged shard(s): {', '.join(dropped)}; rerun the extract command "
+                       "(same options) to extract their videos again")
+        click.echo(f"{out}: {len(ShardReader(out))} videos whole" + (", repaired" if problems else ", nothing to repair"))
+        return
     if problems:
-        click.echo(f"{len(problems)} problem(s) in {out}", err=True)
+        click.echo(f"{len(problems)} problem(s) in {out}: `flowprep verify {out} --repair` drops the damaged shards "
+                   "for a rerun of the extract command to redo", err=True)
         sys.exit(1)
     click.echo(f"{out}: {len(ShardReader(out))} videos verified, no problem")
 
@@ -257,15 +331,19 @@ def verify(out, sample_frames):
 @click.argument("video_id")
 @click.option("--out", "dest", required=True, type=click.Path(dir_okay=False), help="FILE.png (one frame) or FILE.mp4 (every flow).")
 @click.option("--frame", type=click.IntRange(min=0), help="Frame for a PNG (default: the middle one).")
-@click.option("--scale", type=click.FloatRange(min=0, min_open=True), help="Flow magnitude in pixels shown in full colour (default: the video's 99th percentile).")
+@click.option("--scale", type=FiniteFloatRange(min=0, min_open=True), help="Flow magnitude in pixels shown in full colour (default: the video's 99th percentile).")
 def show(out, video_id, dest, frame, scale):
-    """Write RGB beside its flow in the Middlebury colour wheel, frame index and flow scale marked."""
+    """Write RGB beside its flow in the Middlebury colour wheel, frame index and flow scale marked.
+
+    The video's stored bytes are checked against the index checksum first. Exit status 0 when
+    written, 1 on an error (an unknown video, a missing or damaged shard or index).
+    """
     from flowprep.visualize import show as show_video
 
     try:
         path = show_video(out, video_id, dest, frame, scale)
-    except (KeyError, IndexError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
+    except READ_ERRORS as e:
+        raise click.ClickException(one_line(e)) from None
     click.echo(f"wrote {path}")
 
 
@@ -275,18 +353,22 @@ def show(out, video_id, dest, frame, scale):
 @click.option("--layout", default="rawframes", show_default=True, type=click.Choice(["rawframes"]), help="Target layout.")
 @click.option("--quality", default=95, show_default=True, type=click.IntRange(1, 100), help="JPEG quality.")
 def export(out, dest, layout, quality):
-    """Export to the mmaction2/denseflow rawframes layout (img_/flow_x_/flow_y_ JPEGs and file lists)."""
+    """Export to the mmaction2/denseflow rawframes layout (img_/flow_x_/flow_y_ JPEGs and file lists).
+
+    Every video's stored bytes are checked against the index checksum as it is read. Exit status
+    0 when all is written, 1 on an error (a missing or damaged shard or index, DEST not writable).
+    """
     from flowprep.export import export_rawframes
 
     try:
         counts = export_rawframes(out, dest, quality)
-    except ValueError as e:
-        raise click.ClickException(str(e)) from None
+    except READ_ERRORS as e:
+        raise click.ClickException(one_line(e)) from None
     click.echo(f"wrote {sum(counts.values())} videos to {dest} ({', '.join(f'{k}: {v}' for k, v in counts.items())})")
 
 
 @main.command()
-@click.option("--out", default="demo-out", show_default=True, type=click.Path(file_okay=False), help="Output folder (replaced).")
+@click.option("--out", default="demo-out", show_default=True, type=click.Path(file_okay=False), help="Output folder (a previous demo's output is replaced; any other folder must be new or empty).")
 @click.option("--workers", type=click.IntRange(min=0), help="Flow workers (default: every CPU).")
 def demo(out, workers):
     """Build a small Kinetics-style folder from real sample clips, extract it, read a clip back."""
@@ -296,7 +378,10 @@ def demo(out, workers):
         videos = make_sample_folder(src)
         click.echo(f"source: {len(videos)} sample videos in {src}")
         config = ExtractConfig(short_side=96, max_frames=16, shard_size=256 * 1024, chunk_frames=8)
-        report = extract(src, out, config, overwrite=True, workers=workers)
+        try:
+            report = extract(src, out, config, overwrite=True, workers=workers)
+        except OutputRefused as e:  # --out holds files flowprep did not write
+            raise click.ClickException(str(e)) from None
     print_summary(report, Path(out))
     reader = ShardReader(out)
     video_id = reader.video_ids[0]

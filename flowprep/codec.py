@@ -35,8 +35,10 @@ class Codec:
         name, _, level = spec.partition(":")
         if name not in DEFAULT_LEVELS:
             raise ValueError(f"unknown codec {spec!r}; choose from {sorted(DEFAULT_LEVELS)}")
-        value = int(level) if level else DEFAULT_LEVELS[name]
         low, high = LEVEL_RANGES[name]
+        if level and not level.strip().isdigit():
+            raise ValueError(f"codec {spec!r}: the level of {name} is a whole number, {low} to {high}")
+        value = int(level) if level else DEFAULT_LEVELS[name]
         if not low <= value <= high:
             raise ValueError(f"codec {spec!r}: the level of {name} is {low} to {high}")
         return cls(name, value)
@@ -67,12 +69,20 @@ class Codec:
         return buf.tobytes()
 
     def decode(self, blob: bytes | memoryview, shape: tuple[int, ...], dtype=np.uint8) -> np.ndarray:
-        """The ``shape`` / ``dtype`` array stored in ``blob`` (the inverse of :meth:`encode`)."""
+        """The ``shape`` / ``dtype`` array stored in ``blob`` (the inverse of :meth:`encode`).
+
+        A blob that does not decode to exactly ``shape`` (damaged, or not this frame's) is a
+        ``ValueError``, whatever the codec: a wrong frame is never returned for a right one."""
         dtype = np.dtype(dtype)
+        size = int(np.prod(shape)) * dtype.itemsize
         if self.name in ("raw", "zstd"):
-            size = int(np.prod(shape)) * dtype.itemsize
             if self.name == "zstd":
-                blob = pa.Codec("zstd").decompress(blob, decompressed_size=size, asbytes=True)
+                try:
+                    blob = pa.Codec("zstd").decompress(blob, decompressed_size=size, asbytes=True)
+                except OSError as e:  # pyarrow's word for damaged data or another size
+                    raise ValueError(f"corrupt zstd frame: {e}") from None
+            if len(blob) != size:
+                raise ValueError(f"corrupt {self.name} frame: {len(blob)} bytes, {size} expected for {shape} {dtype}")
             return np.frombuffer(blob, dtype=dtype).reshape(shape)
         try:
             image = cv2.imdecode(np.frombuffer(blob, np.uint8), cv2.IMREAD_UNCHANGED)
@@ -80,6 +90,9 @@ class Codec:
             image = None
         if image is None:
             raise ValueError(f"corrupt {self.name} frame")
+        expected = _image_shape(shape)
+        if image.shape != expected or image.dtype != dtype:
+            raise ValueError(f"corrupt {self.name} frame: decodes to {image.shape} {image.dtype}, stored as {expected} {dtype}")
         return _from_image(image, shape)
 
 
@@ -89,6 +102,14 @@ def _to_image(array: np.ndarray) -> np.ndarray:
     if array.shape[-1] == 2:
         return np.concatenate([array[..., 0], array[..., 1]], axis=0)
     return array
+
+
+def _image_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape OpenCV decodes the image of an array of ``shape`` to (:func:`_to_image`): the two
+    planes of flow stacked, a single plane as 2-D."""
+    if shape[-1] == 2:
+        return (2 * shape[0], shape[1])
+    return tuple(shape) if shape[-1] > 1 else tuple(shape[:-1])
 
 
 def _from_image(image: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

@@ -92,6 +92,10 @@ class ClipDataset(Dataset):
             starts count flow positions (N-1 for N frames) whatever the modalities. Videos
             without targets are left out (with a warning).
         teacher_outputs: the stored outputs to return (``logits``, ``embedding``, layer names).
+        verify: check each video's stored bytes against its index checksum the first time it is
+            read, in each DataLoader worker (``ShardReader(verify=True)``: one extra read of the
+            whole video, about 10 ms for a 10 s clip). Damage that decodes to another frame shape
+            is an error either way.
 
     Items are dicts: ``rgb`` float32 ``[3, T, crop, crop]``, ``flow`` float32 ``[2, T, crop, crop]``
     in [-1, 1] (``q / 127.5 - 1``, x then y; float16 shards: pixels / bound), ``label`` (int,
@@ -116,6 +120,7 @@ class ClipDataset(Dataset):
         normalize: bool = True,
         teacher: str | None = None,
         teacher_outputs: Sequence[str] = ("logits",),
+        verify: bool = False,
     ):
         if not modalities or set(modalities) - {"rgb", "flow"}:
             raise ValueError(f"modalities must be rgb and/or flow, not {modalities}")
@@ -125,7 +130,7 @@ class ClipDataset(Dataset):
         # that makes the dataset decodes with one OpenCV thread, its workers are the parallelism.
         cv2.setNumThreads(1)
         folders = [shards] if isinstance(shards, (str, Path)) else list(shards)
-        self.readers = [ShardReader(f) for f in folders]
+        self.readers = [ShardReader(f, verify=verify) for f in folders]
         if not normalize and "flow" in modalities and any(r.flow_dtype != np.uint8 for r in self.readers):
             raise ValueError("normalize=False returns stored uint8 flow: these shards hold float16 flow")
         self.modalities = tuple(modalities)

@@ -26,7 +26,9 @@ class SourceInfo:
     """What the source container says about its video stream.
 
     ``fps`` is the stream's average rate (frames/s), ``duration`` seconds (``None`` when the
-    container does not say), ``width``/``height`` the coded size in pixels before rotation.
+    container does not say), ``width``/``height`` the coded size in pixels before rotation,
+    ``stream`` the index of the stream used among all the container's streams (see
+    :func:`best_video_stream`).
     """
 
     codec: str
@@ -34,6 +36,7 @@ class SourceInfo:
     duration: float | None
     width: int
     height: int
+    stream: int = 0
 
 
 def output_size(height: int, width: int, short_side: int) -> tuple[int, int]:
@@ -67,10 +70,27 @@ def _to_rgb(frame: av.VideoFrame, short_side: int, sar: Fraction | None) -> np.n
     return resize_short_side(rgb, short_side)
 
 
+def best_video_stream(container: av.container.InputContainer) -> av.VideoStream | None:
+    """The video stream the ``ffmpeg`` command line picks: the largest picture that is not an
+    attached picture (cover art), the first of equal ones; ``None`` when there is none.
+
+    (``ffmpeg`` also favours a stream flagged ``default``, but muxers flag the first stream so
+    whatever it holds, which would pick a small preview track over the video.)
+    """
+    def area(stream: av.VideoStream) -> int:
+        ctx = stream.codec_context  # None when FFmpeg knows no codec for it
+        return ctx.width * ctx.height if ctx is not None else 0
+
+    pictures = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+    return max(pictures, key=area, default=None)
+
+
 class VideoDecoder:
     """An open video file; use as a context manager.
 
-    ``info`` describes the source; :meth:`frames` streams resampled RGB frames. Opening raises
+    ``info`` describes the source and its chosen stream (:func:`best_video_stream`); :meth:`frames`
+    streams resampled RGB frames, counting in ``corrupt_frames`` the source frames that FFmpeg
+    flags as corrupt (``frame.is_corrupt``: damaged data it concealed). Opening raises
     :class:`DecodeError` with a readable reason for empty files, files FFmpeg cannot read and
     files without a video stream.
     """
@@ -84,10 +104,12 @@ class VideoDecoder:
             self._container = av.open(path)
         except av.FFmpegError as e:
             raise DecodeError(f"FFmpeg cannot open it: {e}") from None
-        if not self._container.streams.video:
+        stream = best_video_stream(self._container)
+        if stream is None:
             self._container.close()
-            raise DecodeError("no video stream")
-        self._stream = self._container.streams.video[0]
+            raise DecodeError("no video stream" + (" (only an attached picture)" if self._container.streams.video else ""))
+        self._stream = stream
+        self.corrupt_frames = 0
         ctx = self._stream.codec_context
         if ctx is None:  # e.g. an mp4 whose moov atom is cut short: FFmpeg knows no codec for it
             self._container.close()
@@ -106,6 +128,7 @@ class VideoDecoder:
             duration=duration,
             width=ctx.width,
             height=ctx.height,
+            stream=stream.index,
         )
 
     def __enter__(self) -> VideoDecoder:
@@ -165,6 +188,7 @@ class VideoDecoder:
 
         try:
             for frame in self._container.decode(stream):
+                self.corrupt_frames += frame.is_corrupt
                 if frame.pts is None:
                     continue
                 t = frame.pts * time_base

@@ -1,4 +1,5 @@
-"""Errors that fail one video (and only that video): each names the pipeline stage it came from."""
+"""Errors that fail one video (and only that video), each naming the pipeline stage it came from;
+and :class:`OptionError`, a bad option or input that stops a run before anything is written."""
 
 
 class VideoError(Exception):
@@ -13,3 +14,16 @@ class DecodeError(VideoError):
 
 class FlowError(VideoError):
     stage = "flow"
+
+
+class OptionError(ValueError):
+    """An option value, or an input named by one, that cannot work (a NaN bound, ``warps=0``, an
+    empty source folder). ``option`` is the :class:`~flowprep.pipeline.ExtractConfig` field or
+    ``extract`` argument it concerns (the CLI names the option from it and exits with status 2)."""
+
+    def __init__(self, message: str, option: str):
+        super().__init__(message)
+        self.option = option
+
+    def __reduce__(self):  # pickled (e.g. by Ray) with its option
+        return type(self), (str(self), self.option)

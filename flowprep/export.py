@@ -26,10 +26,16 @@ CHUNK = 64  # frames decoded at once: memory stays bounded for long videos
 
 
 def export_rawframes(out: str | Path, dest: str | Path, quality: int = 95) -> dict[str, int]:
-    """Write the rawframes layout of ``out`` under ``dest``; returns videos per split."""
-    reader = ShardReader(out)
+    """Write the rawframes layout of ``out`` under ``dest``; returns videos per split. Each video's
+    stored bytes are checked against the index checksum as it is read (``verify=True``)."""
+    reader = ShardReader(out, verify=True)
     if reader.flow_dtype != np.uint8:
         raise ValueError("rawframes holds uint8 flow: export needs a run with --flow-dtype uint8")
+    # extract refuses ids that cannot name a folder; a space is a fine id, but not in these lists.
+    spaced = [v for v in reader.video_ids if any(c.isspace() for c in v)]
+    if spaced:
+        raise ValueError(f"mmaction2's list files are split on whitespace: rename the videos {spaced[:5]} "
+                         f"({len(spaced)} in all) and extract them again to export to rawframes")
     dest = Path(dest)
     params = [cv2.IMWRITE_JPEG_QUALITY, quality]
     videos: dict[str, list[tuple[str, int, int]]] = defaultdict(list)

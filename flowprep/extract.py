@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
-import shutil
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -27,8 +27,10 @@ import torch
 from tqdm import tqdm
 
 import flowprep
-from flowprep.errors import VideoError
+from flowprep.errors import OptionError, VideoError
+from flowprep.lock import output_lock
 from flowprep.flow import BACKENDS, flow_device, get_backend, resolve_backend_name
+from flowprep.flow.opencv import NO_OPENCV_CUDA, opencv_cuda_devices
 from flowprep.pipeline import ExtractConfig, VideoChunk, video_chunks
 from flowprep.shards import ShardWriter
 from flowprep.shards.layout import (
@@ -36,11 +38,14 @@ from flowprep.shards.layout import (
     FAILURES,
     INDEX,
     SCHEMA_VERSION,
-    SHARDS,
     INDEX_SCHEMA,
     complete_shards,
+    damaged_shards,
+    output_files,
+    read_dataset_json,
     read_failures,
     rebuild_index,
+    remove_output,
     remove_partial_files,
     shard_number,
     write_atomic,
@@ -54,6 +59,11 @@ log = logging.getLogger(__name__)
 
 class OutputMismatch(Exception):
     """The output folder holds a run made with other parameters."""
+
+
+class OutputRefused(Exception):
+    """The output folder cannot take a run as it is: it holds files flowprep did not write, or
+    damaged shards. The message says the way out."""
 
 
 @dataclass
@@ -79,7 +89,10 @@ def resolve_config(config: ExtractConfig, gpus: int | None = None) -> ExtractCon
     """``config`` with the flow backend resolved (``auto`` -> a name) and all its parameters filled
     in; ``gpus`` are those of the Ray cluster that will run it, if not this machine's."""
     name = resolve_backend_name(config.flow_backend, gpus)
-    params = BACKENDS[name].resolve_params(config.flow_params)
+    try:
+        params = BACKENDS[name].resolve_params(config.flow_params)
+    except OptionError as e:  # only with auto (ExtractConfig checked the others): another backend's parameters
+        raise OptionError(f"flow backend {config.flow_backend} runs {name} here: {e}", e.option) from None
     return ExtractConfig(**{**config.to_dict(), "flow_backend": name, "flow_params": params})
 
 
@@ -115,19 +128,32 @@ def describe_run(config: ExtractConfig, label_map: dict[str, int], src, annotati
 def prepare_output(out: Path, description: dict, overwrite: bool) -> None:
     """Create ``out`` or check that its run was made with the same parameters and labels.
 
-    ``overwrite`` removes flowprep's files from ``out`` first. Raises :class:`OutputMismatch`.
+    flowprep writes only into a new or empty folder or its own output: a folder holding anything
+    flowprep did not write (:func:`~flowprep.shards.layout.output_files`), or flowprep's file names
+    without flowprep's dataset.json, is refused with or without ``overwrite``
+    (:class:`OutputRefused`). ``overwrite`` then deletes flowprep's files, and only those.
+    Raises :class:`OutputMismatch` for a run with other parameters.
     """
     path = out / DATASET_JSON
+    own, others = output_files(out)
+    if others:
+        names = ", ".join(map(str, others[:5])) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise OutputRefused(f"{out} holds files that flowprep did not write: {names}. flowprep writes only into a new or "
+                            "empty folder or into its own output: choose another --out")
+    try:
+        previous = read_dataset_json(out) if path.exists() else None
+    except ValueError as e:
+        raise OutputRefused(f"{e}; flowprep neither writes into nor deletes such a folder: choose another --out") from None
+    if own and previous is None:
+        raise OutputRefused(f"{out} holds {own[0].relative_to(out)} but no {DATASET_JSON}, so flowprep cannot tell "
+                            "that its files are its own: choose another --out")
     if overwrite:
-        shutil.rmtree(out / SHARDS, ignore_errors=True)
-        for name in (DATASET_JSON, INDEX, FAILURES):
-            (out / name).unlink(missing_ok=True)
-    elif path.exists():
-        previous = json.loads(path.read_text())
+        remove_output(out)
+    elif previous is not None:
         for key in ("schema_version", "params", "label_map"):
             if previous.get(key) != description[key]:
                 raise OutputMismatch(f"{out} holds a run with other {key}: {_difference(previous.get(key), description[key])}. "
-                                     "Use another --out, the same options, or --overwrite to start over.")
+                                     "Use another --out, the same options, or --overwrite to delete that run and start over.")
         for key in ("versions", "flow"):
             if previous.get(key) != description[key]:
                 log.warning("%s was started with other %s: %s", out, key, _difference(previous.get(key), description[key]))
@@ -170,7 +196,8 @@ def extract(
     ``workers=0`` computes in this process without Ray. Videos already in complete shards of
     ``out`` are skipped; each failed video is a line of ``out/failures.jsonl`` and in the report.
     A video that failed while a now complete shard was written is not tried again unless
-    ``retry_failed``: so a resumed run writes the same bytes as an uninterrupted one.
+    ``retry_failed``: so a resumed run writes the same bytes as an uninterrupted one. One run
+    at a time writes ``out`` (:mod:`flowprep.lock`; :class:`~flowprep.lock.OutputLocked`).
     """
     out = Path(out)
     gpus = None  # this machine's, unless a Ray cluster runs the flow
@@ -180,84 +207,101 @@ def extract(
         start_ray(ray_address)
         gpus = cluster_gpus()
     config = resolve_config(config, gpus)
+    if config.flow_backend == "opencv-cuda" and gpus is None and not opencv_cuda_devices():
+        raise OptionError(NO_OPENCV_CUDA, "flow_backend")  # before the output folder takes these options
     specs, problems = find_videos(src, annotations, config.trim)
     label_map = build_label_map([s.label for s in specs] + [p.label for p in problems], labels_file)
     if limit is not None:
         specs = specs[:limit]
     description = describe_run(config, label_map, src, annotations, labels_file, gpus)
     log.info("flow: %s on %s", config.flow_backend, description["flow"]["device"])
-    prepare_output(out, description, overwrite)
-    for path in remove_partial_files(out):
-        log.info("removed %s, left by an interrupted run", path)
-    index = rebuild_index(out).to_pylist()
-    shards = complete_shards(out)
-    settled = [] if retry_failed else [f for f in read_failures(out) if f.get("shard") in shards]
-    done = {row["video_id"] for row in index} | {f["video_id"] for f in settled}
-    todo = [s for s in specs if s.video_id not in done]
-    report = ExtractReport(videos=len(specs) + len(problems), skipped=len(specs) - len(todo), failed=len(settled),
-                           failures=settled)
-    log.info("%d videos found, %d already done (%d of them failed), %d to do, %d missing",
-             len(specs), report.skipped, len(settled), len(todo), len(problems))
+    out.mkdir(parents=True, exist_ok=True)
+    with output_lock(out):  # one writer: a second run is refused before it touches a file
+        prepare_output(out, description, overwrite)
+        for path in remove_partial_files(out):
+            log.info("removed %s, left by an interrupted run", path)
+        damaged = damaged_shards(out)
+        if damaged:
+            shard, reason = next(iter(damaged.items()))
+            more = f" (and {len(damaged) - 1} more shards)" if len(damaged) > 1 else ""
+            raise OutputRefused(f"{out / shard} is damaged: {reason}{more}. Run `flowprep verify {out} --repair` to drop "
+                                "the damaged shards, then rerun this command to extract their videos again")
+        index = rebuild_index(out).to_pylist()
+        shards = complete_shards(out)
+        # A video lost to cluster faults (stage "worker") is never settled: every run tries it again.
+        settled = [] if retry_failed else [f for f in read_failures(out) if f.get("shard") in shards and f.get("stage") != "worker"]
+        done = {row["video_id"] for row in index} | {f["video_id"] for f in settled}
+        todo = [s for s in specs if s.video_id not in done]
+        report = ExtractReport(videos=len(specs) + len(problems), skipped=len(specs) - len(todo), failed=len(settled),
+                               failures=settled)
+        log.info("%d videos found, %d already done (%d of them failed), %d to do, %d missing",
+                 len(specs), report.skipped, len(settled), len(todo), len(problems))
 
-    def shard_complete(shard: str, rows: list[dict]) -> None:
-        index.extend(rows)
-        write_table(out / INDEX, pa.Table.from_pylist(index, schema=INDEX_SCHEMA))
-        log.info("shard complete: %s", shard)
+        def shard_complete(shard: str, rows: list[dict]) -> None:
+            index.extend(rows)
+            write_table(out / INDEX, pa.Table.from_pylist(index, schema=INDEX_SCHEMA))
+            log.info("shard complete: %s", shard)
 
-    metadata = {"flowprep": json.dumps({k: description[k] for k in ("schema_version", "params", "versions")}, sort_keys=True)}
-    writer = ShardWriter(out, config, first_shard=shard_number(shards[-1]) + 1 if shards else 0, metadata=metadata,
-                         on_shard_complete=shard_complete)
-    bar = tqdm(total=len(todo), unit="video", disable=None if progress is None else not progress, dynamic_ncols=True)
-    # The kept failures replace the file at once: a kill never loses them.
-    write_atomic(out / FAILURES, "".join(json.dumps(entry) + "\n" for entry in settled).encode())
-    with open(out / FAILURES, "a") as failures:
+        metadata = {"flowprep": json.dumps({k: description[k] for k in ("schema_version", "params", "versions")}, sort_keys=True)}
+        writer = ShardWriter(out, config, first_shard=shard_number(shards[-1]) + 1 if shards else 0, metadata=metadata,
+                             on_shard_complete=shard_complete)
+        bar = tqdm(total=len(todo), unit="video", disable=None if progress is None else not progress, dynamic_ncols=True)
+        # The kept failures replace the file at once: a kill never loses them.
+        write_atomic(out / FAILURES, "".join(json.dumps(entry) + "\n" for entry in settled).encode())
+        with open(out / FAILURES, "a") as failures:
 
-        def fail(spec_id: str, source: str, stage: str, error: str, shard: str | None = None) -> None:
-            entry = {"video_id": spec_id, "source": source, "stage": stage, "error": error, "shard": shard}
-            failures.write(json.dumps(entry) + "\n")
-            failures.flush()
-            report.failures.append(entry)
-            report.failed += 1
-            log.warning("failed %s (%s): %s", spec_id, stage, error)
+            def fail(spec_id: str, source: str, stage: str, error: str, shard: str | None = None) -> None:
+                entry = {"video_id": spec_id, "source": source, "stage": stage, "error": error, "shard": shard}
+                failures.write(json.dumps(entry) + "\n")
+                failures.flush()
+                report.failures.append(entry)
+                report.failed += 1
+                log.warning("failed %s (%s): %s", spec_id, stage, error)
 
-        for problem in problems:
-            fail(problem.video_id, problem.source, "source", problem.error)
-        if workers == 0 or not todo:
-            results = local_video_chunks(todo, config)
-        else:
-            from flowprep.ray_runner import ray_video_chunks
-
-            results = ray_video_chunks(todo, config, workers, decoders, ray_address, gpu_share)
-        start = time.perf_counter()
-        for spec, chunks in results:
-            writer.begin_video({"video_id": spec.video_id, "label": spec.label, "label_index": label_map.get(spec.label, -1),
-                                "split": spec.split, "fps": config.fps, "source": spec.path,
-                                "segment_start": spec.start, "segment_end": spec.end})
-            try:
-                for chunk in chunks:
-                    writer.add_chunk(chunk)
-            except VideoError as e:
-                fail(spec.video_id, spec.path, e.stage, str(e), shard=writer.abort_video())
+            for problem in problems:
+                fail(problem.video_id, problem.source, "source", problem.error)
+            if workers == 0 or not todo:
+                results = local_video_chunks(todo, config)
             else:
-                row = writer.end_video()
-                report.written += 1
-                report.frames += row["num_frames"]
-                report.flow_pairs += row["num_frames"] - 1
-                report.bytes_written += row["bytes"]
-            report.seconds = time.perf_counter() - start
-            bar.update(1)
-            bar.set_postfix(frames=report.frames, pairs_s=f"{report.pairs_per_second:.1f}", failed=report.failed)
-        writer.close()
-    bar.close()
-    return report
+                from flowprep.ray_runner import ray_video_chunks
+
+                results = ray_video_chunks(todo, config, workers, decoders, ray_address, gpu_share)
+            start = time.perf_counter()
+            for spec, chunks in results:
+                writer.begin_video({"video_id": spec.video_id, "label": spec.label, "label_index": label_map.get(spec.label, -1),
+                                    "split": spec.split, "fps": config.fps, "source": spec.path,
+                                    "segment_start": spec.start, "segment_end": spec.end})
+                try:
+                    for chunk in chunks:
+                        writer.add_chunk(chunk)
+                except VideoError as e:
+                    fail(spec.video_id, spec.path, e.stage, str(e), shard=writer.abort_video())
+                else:
+                    row = writer.end_video()
+                    if row["corrupt_frames"]:
+                        log.warning("%s: %d source frame(s) flagged corrupt by FFmpeg, written as decoded (--fail-corrupt fails such videos)",
+                                    spec.video_id, row["corrupt_frames"])
+                    report.written += 1
+                    report.frames += row["num_frames"]
+                    report.flow_pairs += row["num_frames"] - 1
+                    report.bytes_written += row["bytes"]
+                report.seconds = time.perf_counter() - start
+                bar.update(1)
+                bar.set_postfix(frames=report.frames, pairs_s=f"{report.pairs_per_second:.1f}", failed=report.failed)
+            writer.close()
+        bar.close()
+        return report
 
 
 
 def allowed_failures(rule: str, videos: int) -> int:
     """How many failures ``--allow-failures`` permits: a count (``"3"``) or a fraction of ``videos`` (``"0.02"``)."""
-    value = float(rule)
-    if value < 0:
-        raise ValueError("--allow-failures must not be negative")
+    try:
+        value = float(rule)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"--allow-failures {rule!r}: want a count (5) or a fraction (0.02)")
     if "." in rule or (value < 1 and value != 0):
         if value > 1:
             raise ValueError(f"--allow-failures {rule}: a fraction must be at most 1")

@@ -9,6 +9,8 @@ as RGB frame ``t``: N frames give N-1 flows, and the last frame has none.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -17,8 +19,8 @@ import numpy as np
 
 from flowprep.codec import Codec, quantize_flow
 from flowprep.decode import SourceInfo, VideoDecoder
-from flowprep.errors import DecodeError, FlowError, VideoError
-from flowprep.flow import FlowBackend
+from flowprep.errors import DecodeError, FlowError, OptionError, VideoError
+from flowprep.flow import FlowBackend, check_flow_options
 from flowprep.sources import VideoSpec
 
 
@@ -28,7 +30,10 @@ class ExtractConfig:
 
     ``fps`` frames/s; ``short_side`` pixels; ``flow_bound`` pixels (flow is clipped to ±bound);
     ``flow_dtype`` ``"uint8"`` (quantized) or ``"float16"``; codecs as in :mod:`flowprep.codec`;
-    ``shard_size`` bytes; ``chunk_frames`` frames per stored batch.
+    ``shard_size`` bytes; ``chunk_frames`` frames per stored batch; ``fail_corrupt``: a video with
+    a frame FFmpeg flags as corrupt fails (stage ``decode``) instead of being written with a warning.
+    Every value is checked here, the flow backend and its parameters included: a bad one raises
+    :class:`OptionError` naming the field, before any file is written.
     """
 
     fps: int = 25
@@ -44,17 +49,30 @@ class ExtractConfig:
     format: str = "arrow"
     shard_size: int = 1 << 30
     chunk_frames: int = 8
+    fail_corrupt: bool = False
 
     def __post_init__(self):
+        for option, least in (("fps", 1), ("short_side", 1), ("max_frames", 2), ("shard_size", 1), ("chunk_frames", 1)):
+            value = getattr(self, option)
+            if value is None and option == "max_frames":  # no limit
+                continue
+            if not (isinstance(value, numbers.Integral) and value >= least):
+                rule = "a positive whole number" if least == 1 else f"a whole number >= {least}"
+                raise OptionError(f"{option} must be {rule}, not {value!r}", option)
+        if not (isinstance(self.flow_bound, numbers.Real) and math.isfinite(self.flow_bound) and self.flow_bound > 0):
+            raise OptionError(f"flow_bound must be a positive finite number of pixels, not {self.flow_bound!r}", "flow_bound")
         if self.flow_dtype not in ("uint8", "float16"):
-            raise ValueError(f"flow dtype must be uint8 or float16, not {self.flow_dtype!r}")
+            raise OptionError(f"flow dtype must be uint8 or float16, not {self.flow_dtype!r}", "flow_dtype")
+        for option in ("rgb_codec", "flow_codec"):
+            try:
+                Codec.parse(getattr(self, option))
+            except ValueError as e:
+                raise OptionError(f"{option}: {e}", option) from None
         if Codec.parse(self.flow_codec).name not in ("zstd", "raw") and self.flow_dtype == "float16":
-            raise ValueError(f"float16 flow needs a zstd or raw codec, not {self.flow_codec}")
+            raise OptionError(f"float16 flow needs a zstd or raw codec, not {self.flow_codec}", "flow_codec")
         if self.format not in ("arrow", "hdf5"):
-            raise ValueError(f"format must be arrow or hdf5, not {self.format!r}")
-        if self.fps <= 0 or self.short_side <= 0 or self.chunk_frames <= 0 or self.flow_bound <= 0:
-            raise ValueError("fps, short side, chunk frames and flow bound must be positive")
-        Codec.parse(self.rgb_codec)
+            raise OptionError(f"format must be arrow or hdf5, not {self.format!r}", "format")
+        check_flow_options(self.flow_backend, self.flow_params)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -67,6 +85,8 @@ class VideoChunk:
     ``rgb``: encoded ``[H, W, 3] uint8`` frames. ``gray``: ``[n, H, W] uint8`` frames for the flow
     solver, one more than ``rgb`` unless ``last``; dropped (``None``) once flow is computed.
     ``flow``: encoded ``[H, W, 2]`` flows, one per RGB frame except the video's last frame.
+    ``corrupt_frames``: source frames FFmpeg flagged as corrupt in the video so far, up to this
+    chunk's end (the last chunk's is the video's count).
     """
 
     video_id: str
@@ -78,13 +98,15 @@ class VideoChunk:
     source: SourceInfo
     last: bool
     flow: list[bytes] | None = None
+    corrupt_frames: int = 0
 
 
 def decode_chunks(spec: VideoSpec, config: ExtractConfig, decoder_threads: int = 0) -> Iterator[VideoChunk]:
     """Decode ``spec`` into chunks of ``config.chunk_frames`` frames with RGB encoded, flow pending.
 
     ``decoder_threads``: FFmpeg's threads (0: its own choice, one per core). Raises
-    :class:`DecodeError` for unreadable videos and for videos of fewer than 2 frames.
+    :class:`DecodeError` for unreadable videos, for videos of fewer than 2 frames and, with
+    ``config.fail_corrupt``, for videos with a frame FFmpeg flags as corrupt.
     """
     try:
         yield from _decode_chunks(spec, config, decoder_threads)
@@ -103,11 +125,18 @@ def _decode_chunks(spec: VideoSpec, config: ExtractConfig, decoder_threads: int)
         gray: list[np.ndarray] = []
         start = 0
         shape = None
+
+        def chunk(last: bool) -> VideoChunk:
+            if config.fail_corrupt and video.corrupt_frames:
+                raise DecodeError(f"{video.corrupt_frames} source frame(s) flagged corrupt by FFmpeg before output frame "
+                                  f"{start + len(rgb)} (fail_corrupt is set)")
+            return VideoChunk(spec.video_id, start, rgb, np.stack(gray), *shape, video.info, last, corrupt_frames=video.corrupt_frames)
+
         for frame in frames:
             gray.append(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY))
             if len(rgb) == n:
                 # This frame is the next chunk's first; it closes this chunk's last flow pair.
-                yield VideoChunk(spec.video_id, start, rgb, np.stack(gray), *shape, video.info, last=False)
+                yield chunk(last=False)
                 start += n
                 rgb, gray = [], [gray[-1]]
             if shape is None:
@@ -116,8 +145,18 @@ def _decode_chunks(spec: VideoSpec, config: ExtractConfig, decoder_threads: int)
                 raise DecodeError(f"frame size changed mid-stream from {shape} to {frame.shape[:2]}")
             rgb.append(rgb_codec.encode(frame))
         if start + len(rgb) < 2:
-            raise DecodeError(f"{start + len(rgb)} frame(s) decoded: flow needs at least 2")
-        yield VideoChunk(spec.video_id, start, rgb, np.stack(gray), *shape, video.info, last=True)
+            raise DecodeError(f"{start + len(rgb)} frame(s) decoded{_segment_note(spec, video.info)}: flow needs at least 2")
+        yield chunk(last=True)
+
+
+def _segment_note(spec: VideoSpec, info: SourceInfo) -> str:
+    """Where the frames were looked for, when the video is trimmed: the segment, and why it may hold none."""
+    if spec.start is None or spec.end is None:
+        return ""
+    segment = f" from the trim segment [{spec.start:g}, {spec.end:g}) s"
+    if spec.end <= spec.start:
+        return f"{segment}, which ends before it starts (time_end <= time_start)"
+    return f"{segment} of a {info.duration:g} s video" if info.duration is not None else segment
 
 
 def flow_chunk(chunk: VideoChunk, backend: FlowBackend, config: ExtractConfig) -> VideoChunk:

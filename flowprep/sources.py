@@ -7,15 +7,23 @@ Two layouts are understood:
   test CSVs have no ``label``), files named ``<youtube_id>_<start:06d>_<end:06d>.<ext>``, or
   ``<youtube_id>.<ext>`` for full-length sources that ``trim`` cuts to ``[time_start, time_end]``.
 
-The video id is always the file stem. Everything here is plain data: no video is opened.
+The video id is always the file stem, checked here once for every layout
+(:func:`video_id_problem`): an id that cannot name a folder, an HDF5 group or a line of a list
+file is a :class:`SourceProblem`, as are dangling symbolic links. Symlinked folders are followed.
+Everything here is plain data: no video is opened.
 """
 
 from __future__ import annotations
 
 import csv
+import math
+import os
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from flowprep.errors import OptionError
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".ts"})
 
@@ -49,15 +57,67 @@ class SourceProblem:
     label: str | None = None
 
 
+def video_id_problem(video_id: str) -> str | None:
+    """Why ``video_id`` cannot name a video, or ``None`` when it can. Ids become folder names
+    (export), HDF5 group names and words of list files, so an id must not be empty, ``.`` or
+    ``..``, nor hold a path separator, a newline or any other control character."""
+    if not video_id:
+        return "empty video id"
+    if video_id in (".", ".."):
+        return f"video id {video_id!r} names a folder, not a video"
+    if "/" in video_id or "\\" in video_id:
+        return f"video id {video_id!r} holds a path separator"
+    if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in video_id):
+        return f"video id {video_id!r} holds a newline or control character"
+    return None
+
+
+def _dangling_link_problem(path: Path) -> str | None:
+    """The reason a found video file cannot be read when it is a symbolic link to nothing."""
+    if path.is_symlink() and not path.exists():
+        return f"dangling symbolic link to {os.readlink(path)}"
+    return None
+
+
 def _video_files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())
+    """Files with a video extension under ``root``, dangling symbolic links included, sorted.
+
+    Symlinked folders are followed; a folder reached twice (through two links, or a link back to
+    a folder above it) is walked once, under the first name found (shallower names first, then
+    in sorted order).
+    """
+    walked = {_folder_key(root)}
+    found = []
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        subfolders[:] = [d for d in sorted(subfolders) if _first_visit(Path(folder, d), walked)]
+        found += [Path(folder, n) for n in names if Path(n).suffix.lower() in VIDEO_EXTENSIONS]
+    return sorted(p for p in found if p.is_file() or p.is_symlink())
+
+
+def _folder_key(folder: Path) -> tuple[int, int]:
+    info = folder.stat()
+    return info.st_dev, info.st_ino
+
+
+def _first_visit(folder: Path, walked: set[tuple[int, int]]) -> bool:
+    """Whether ``folder`` (followed through links) is not yet in ``walked``; adds it."""
+    try:
+        key = _folder_key(folder)
+    except OSError:  # unreadable: os.walk skips it as well
+        return False
+    if key in walked:
+        return False
+    walked.add(key)
+    return True
 
 
 def find_class_folder_videos(src: str | Path) -> tuple[list[VideoSpec], list[SourceProblem]]:
     """Videos of a class-folder layout, sorted by path.
 
     A file directly under ``src`` has no label; ``<label>/<id>`` has a label; ``<split>/<label>/<id>``
-    has both. A second file with an id already seen is a :class:`SourceProblem`.
+    has both (the names of the folders as reached, through symbolic links or not). A dangling
+    link, an id :func:`video_id_problem` refuses, or a second file with an id already seen is a
+    :class:`SourceProblem`.
     """
     root = Path(src)
     specs: list[VideoSpec] = []
@@ -69,24 +129,70 @@ def find_class_folder_videos(src: str | Path) -> tuple[list[VideoSpec], list[Sou
             problems.append(SourceProblem(path.stem, str(path), f"unexpected folder depth {len(parts) - 1} (want 0-2)"))
             continue
         video_id = path.stem
-        if video_id in seen:
-            problems.append(SourceProblem(video_id, str(path), f"duplicate video id, already found at {seen[video_id]}"))
-            continue
-        seen[video_id] = str(path)
         label = parts[-2] if len(parts) >= 2 else None
         split = parts[0] if len(parts) == 3 else None
+        error = _dangling_link_problem(path) or video_id_problem(video_id)
+        if error is None and video_id in seen:
+            error = f"duplicate video id, already found at {seen[video_id]}"
+        if error is not None:
+            problems.append(SourceProblem(video_id, str(path), error, label))
+            continue
+        seen[video_id] = str(path)
         specs.append(VideoSpec(video_id, str(path), label, split))
     return specs, problems
 
 
-def read_annotations(csv_path: str | Path) -> list[dict[str, str]]:
-    """Rows of a Kinetics annotation CSV as dicts (``youtube_id``, ``time_start``, ``time_end`` required)."""
-    with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    required = {"youtube_id", "time_start", "time_end"}
-    if rows and not required <= rows[0].keys():
-        raise ValueError(f"{csv_path}: annotation CSV needs columns {sorted(required)}, has {sorted(rows[0])}")
+ANNOTATION_COLUMNS = ("youtube_id", "time_start", "time_end")  # required; label and split are optional
+
+
+def read_annotations(csv_path: str | Path) -> list[dict]:
+    """Rows of a Kinetics annotation CSV as dicts of its columns, ``time_start`` and ``time_end``
+    as seconds (float), and ``line``: the row's line in the file.
+
+    The file is read as UTF-8 with or without a byte-order mark (spreadsheets write one). No
+    rows, a missing column, a row with too few or too many fields, or a time that is not a
+    finite number is an :class:`OptionError` naming the file and the line.
+    """
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        try:
+            rows = _annotation_rows(csv.DictReader(f), csv_path)
+        except UnicodeDecodeError as e:
+            raise OptionError(f"{csv_path} is not UTF-8 text: {e.reason} at byte {e.start}", "annotations") from None
+    if not rows:
+        raise OptionError(f"{csv_path} has a header but no rows: want one row per video", "annotations")
     return rows
+
+
+def _annotation_rows(reader: csv.DictReader, csv_path: str | Path) -> list[dict]:
+    columns = reader.fieldnames
+    if not columns:
+        raise OptionError(f"{csv_path} is empty: want a header {','.join(('label', *ANNOTATION_COLUMNS, 'split'))} "
+                          "and one row per video", "annotations")
+    missing = [c for c in ANNOTATION_COLUMNS if c not in columns]
+    if missing:
+        raise OptionError(f"{csv_path}, line 1: the header lacks columns {missing} (it has {columns})", "annotations")
+    rows = []
+    for row in reader:
+        where = f"{csv_path}, line {reader.line_num}"
+        if None in row:  # DictReader's key for fields beyond the header
+            raise OptionError(f"{where}: {len(columns) + len(row[None])} fields, the header has {len(columns)}", "annotations")
+        short = [c for c in columns if row[c] is None]
+        if short:
+            raise OptionError(f"{where}: no value for {short}", "annotations")
+        for column in ("time_start", "time_end"):
+            row[column] = _seconds(row[column], f"{where}: {column}")
+        rows.append({**row, "line": reader.line_num})
+    return rows
+
+
+def _seconds(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise OptionError(f"{what} {text!r} is not a number of seconds", "annotations")
+    return value
 
 
 def find_annotated_videos(
@@ -96,7 +202,8 @@ def find_annotated_videos(
 
     A clip file ``<youtube_id>_<start:06d>_<end:06d>.<ext>`` is used as it is. Without it, a
     full-length ``<youtube_id>.<ext>`` is used, cut to the row's segment when ``trim`` is set.
-    A row with neither file is a :class:`SourceProblem`.
+    A row with neither file, a dangling link, or a ``youtube_id`` that :func:`video_id_problem`
+    refuses is a :class:`SourceProblem`.
     """
     by_stem: dict[str, Path] = {}
     for path in _video_files(Path(src)):
@@ -105,17 +212,23 @@ def find_annotated_videos(
     problems: list[SourceProblem] = []
     seen: set[str] = set()
     for row in read_annotations(annotations):
-        youtube_id = row["youtube_id"]
-        start, end = float(row["time_start"]), float(row["time_end"])
-        clip_id = f"{youtube_id}_{int(start):06d}_{int(end):06d}"
+        youtube_id, start, end = row["youtube_id"], row["time_start"], row["time_end"]
         label = row.get("label") or None
         split = row.get("split") or None
+        error = video_id_problem(youtube_id)
+        if error is not None:
+            problems.append(SourceProblem(youtube_id, f"{annotations}, line {row['line']}", error, label))
+            continue
+        clip_id = f"{youtube_id}_{int(start):06d}_{int(end):06d}"
         video_id = clip_id if clip_id in by_stem else youtube_id
         if video_id in seen:
             problems.append(SourceProblem(video_id, str(by_stem.get(video_id, clip_id)), "duplicate video id in the annotations", label))
             continue
         seen.add(video_id)
-        if clip_id in by_stem:
+        error = _dangling_link_problem(by_stem[video_id]) if video_id in by_stem else None
+        if error is not None:
+            problems.append(SourceProblem(video_id, str(by_stem[video_id]), error, label))
+        elif clip_id in by_stem:
             specs.append(VideoSpec(clip_id, str(by_stem[clip_id]), label, split))
         elif youtube_id in by_stem:
             segment = (start, end) if trim else (None, None)
@@ -128,12 +241,20 @@ def find_annotated_videos(
 def find_videos(
     src: str | Path, annotations: str | Path | None = None, trim: bool = False
 ) -> tuple[list[VideoSpec], list[SourceProblem]]:
-    """The videos under ``src``: from ``annotations`` when given, else from the class folders."""
+    """The videos under ``src``: from ``annotations`` when given, else from the class folders.
+
+    A class-folder ``src`` without any video file is an :class:`OptionError` (so is an
+    annotation CSV without rows, see :func:`read_annotations`).
+    """
     if not Path(src).is_dir():
         raise FileNotFoundError(f"source folder {src} does not exist")
     if annotations is not None:
         return find_annotated_videos(src, annotations, trim)
-    return find_class_folder_videos(src)
+    specs, problems = find_class_folder_videos(src)
+    if not specs and not problems:
+        raise OptionError(f"no video under {src}: looked for {', '.join(sorted(VIDEO_EXTENSIONS))} files in it, "
+                          "in <label>/ and in <split>/<label>/ folders", "src")
+    return specs, problems
 
 
 def build_label_map(labels: Iterable[str | None], labels_file: str | Path | None = None) -> dict[str, int]:

@@ -76,8 +76,9 @@ def flow_scale(reader: ShardReader, video_id: str, samples: int = 32) -> float:
 
 
 def show(out: str | Path, video_id: str, dest: str | Path, frame: int | None = None, scale: float | None = None) -> Path:
-    """Write ``dest``: a PNG of one frame (default: the middle one) or an MP4 of every flow."""
-    reader = ShardReader(out)
+    """Write ``dest``: a PNG of one frame (default: the middle one) or an MP4 of every flow.
+    The video's stored bytes are checked against the index checksum first (``verify=True``)."""
+    reader = ShardReader(out, verify=True)
     dest = Path(dest)
     n = reader.meta(video_id)["num_frames"] - 1
     scale = scale or flow_scale(reader, video_id)

@@ -25,7 +25,7 @@ KINETICS_JOB = Path(__file__).resolve().parents[1] / "pipelines" / "kinetics.py"
 
 @pytest.mark.ray
 def test_cleanup_after_ray_is_down_starts_no_ray():
-    ray.init(num_cpus=1, include_dashboard=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False)
     actor = ray.remote(num_cpus=0)(type("Idle", (), {"ping": lambda self: 1})).remote()
     assert ray.get(actor.ping.remote()) == 1
     ray.shutdown()
@@ -65,18 +65,15 @@ def flow_worker_pids() -> list[int]:
     return [int(p) for p in found]
 
 
-CHEAP_TVL1 = "nscales=1,warps=1,inner_iterations=5,outer_iterations=1,median_filtering=1"
-
-
 @pytest.fixture(scope="module")
 def pans(tmp_path_factory):
     """Six small panning videos and their in-process extraction (the reference bytes)."""
     root = tmp_path_factory.mktemp("pans")
-    image = textured_image(64, 96)
+    image = textured_image(96, 128)
     for v in range(6):
         write_video(root / "src" / "pans" / f"pan{v}.mp4", [np.roll(image, v + 1 + i, axis=1) for i in range(10)])
-    args = ["extract", "--src", root / "src", "--shard-size", "1", "--short-side", "48", "--chunk-frames", "4", "--no-progress",
-            "--flow-params", CHEAP_TVL1]
+    # OpenCV's default TV-L1: seconds of work left when the first shard completes, for the faults to hit.
+    args = ["extract", "--src", root / "src", "--shard-size", "1", "--short-side", "96", "--chunk-frames", "4", "--no-progress"]
     result = subprocess.run([sys.executable, "-m", "flowprep.cli", *map(str, args), "--out", root / "reference", "--workers", "0"],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -104,11 +101,11 @@ def assert_same_shards(out: Path, reference: Path) -> None:
         assert (out / shard).read_bytes() == (reference / shard).read_bytes(), shard
 
 
-@pytest.mark.ray
-def test_a_killed_flow_worker_costs_no_video_and_changes_no_byte(pans, tmp_path):
+@pytest.mark.cluster
+def test_a_killed_flow_worker_costs_no_video_and_changes_no_byte(pans, ray_cluster, tmp_path):
     args, reference = pans
-    status, stdout, log = run_and_fault([*args, "--out", tmp_path / "out", "--workers", 2],
-                                        lambda: os.kill(flow_worker_pids()[0], signal.SIGKILL))
+    status, stdout, log = run_and_fault([*args, "--out", tmp_path / "out", "--workers", 2, "--ray-address", ray_cluster.address],
+                                        lambda: os.kill(flow_worker_pids()[0], signal.SIGKILL), env=ray_cluster.env)
     assert status == 0, log
     assert "6 written, 0 failed" in stdout and " lost (" in log  # the decoder's word that it sent the chunk elsewhere
     assert_same_shards(tmp_path / "out", reference)
@@ -148,7 +145,7 @@ def test_a_run_starts_with_the_workers_it_can_get_beside_another_job(pans, ray_c
               "a = ray.remote(num_cpus=1)(type('Hold', (), {'ok': lambda self: 1})).remote()\n"
               "ray.get(a.ok.remote())\nprint('held', flush=True)\nsys.stdin.read()\n")
     other_job = subprocess.Popen([sys.executable, "-c", holder], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                 env=ray_cluster.env)
+                                 env={**ray_cluster.env, "RAY_ADDRESS": ray_cluster.address})
     try:
         assert other_job.stdout.readline().strip() == "held"  # one of the cluster's two CPUs is taken
         result = subprocess.run([sys.executable, "-m", "flowprep.cli", *map(str, args), "--out", tmp_path / "out",
@@ -159,3 +156,22 @@ def test_a_run_starts_with_the_workers_it_can_get_beside_another_job(pans, ray_c
     assert result.returncode == 0, result.stderr
     assert "1 of 2 flow workers started" in result.stderr and "6 written, 0 failed" in result.stdout
     assert_same_shards(tmp_path / "out", reference)
+
+
+def test_a_second_run_into_the_same_output_is_refused_and_the_first_is_unharmed(pans, tmp_path):
+    args, reference = pans
+    out = tmp_path / "out"
+    cli = [sys.executable, "-m", "flowprep.cli", *map(str, args), "--out", str(out), "--workers", "0"]
+    first = subprocess.Popen(cli, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for line in first.stderr:
+        if "shard complete" in line:
+            os.killpg(first.pid, signal.SIGSTOP)  # frozen mid-run, holding the lock
+            break
+    second = subprocess.run(cli, capture_output=True, text=True)
+    os.killpg(first.pid, signal.SIGCONT)
+    assert second.returncode == 1 and f"is being written by pid {first.pid}" in second.stderr
+    assert "Traceback" not in second.stderr
+    stdout, stderr = first.communicate()
+    assert first.returncode == 0 and "6 written, 0 failed" in stdout, stderr
+    assert_same_shards(out, reference)
+    assert not (out / "flowprep.lock").exists()

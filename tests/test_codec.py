@@ -165,10 +165,9 @@ def test_corrupt_zstd_and_raw():
     flow = np.random.default_rng(4).integers(0, 256, (16, 16, 2), dtype=np.uint8)
     zstd = Codec.parse("zstd:3")
     blob = zstd.encode(flow)
-    # Observed: pyarrow reports damaged zstd data as OSError.
-    with pytest.raises(OSError, match="ZSTD"):
+    with pytest.raises(ValueError, match="corrupt zstd frame"):  # pyarrow's OSError, as every codec's
         zstd.decode(blob[: len(blob) // 2], flow.shape)
-    with pytest.raises(ValueError, match="reshape"):
+    with pytest.raises(ValueError, match="corrupt raw frame"):
         Codec.parse("raw").decode(flow.tobytes()[:-1], flow.shape)
 
 

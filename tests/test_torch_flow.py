@@ -241,7 +241,7 @@ def test_backend_choice_and_device():
     assert resolve_backend_name("auto") == ("torch" if on_gpu else "opencv-cuda" if opencv_cuda_devices() else "opencv")
     assert resolve_backend_name("auto", gpus=4) == "torch"
     assert resolve_backend_name("auto", gpus=0) == "opencv"  # a cluster without GPUs
-    with pytest.raises(ValueError, match="whole numbers"):
+    with pytest.raises(ValueError, match="warps=2.5 must be a whole number"):
         get_backend("torch", {"warps": 2.5})
     assert flow_device("opencv") == "cpu" and flow_device("torch", gpus=0) == "cpu" and flow_device("torch", gpus=2) == "cuda"
     if not opencv_cuda_devices():

@@ -12,7 +12,8 @@ from typing import Protocol
 
 import numpy as np
 
-from flowprep.flow.opencv import OpenCVCudaTVL1, OpenCVTVL1, opencv_cuda_devices
+from flowprep.errors import OptionError
+from flowprep.flow.opencv import TVL1_CUDA_DEFAULTS, TVL1_DEFAULTS, OpenCVCudaTVL1, OpenCVTVL1, opencv_cuda_devices, tvl1_value
 from flowprep.flow.torch_tvl1 import TorchTVL1, default_device, device_description
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,26 @@ def resolve_backend_name(name: str, gpus: int | None = None) -> str:
         log.info("flow backend auto: %s", name)
         return name
     if name not in BACKENDS:
-        raise ValueError(f"unknown flow backend {name!r}; choose from auto, {', '.join(sorted(BACKENDS))}")
+        raise OptionError(f"unknown flow backend {name!r}; choose from auto, {', '.join(sorted(BACKENDS))}", "flow_backend")
     return name
+
+
+def check_flow_options(name: str, params: dict) -> None:
+    """Raise :class:`OptionError` unless ``name`` is a backend (or ``auto``) that takes ``params``.
+
+    For ``auto`` the backend is only known once the machines that run the flow are, so each
+    parameter is checked by name and value against what any backend takes; the chosen backend
+    checks them all again when the run starts (``resolve_params``).
+    """
+    if name != "auto" or "variant" in params:  # only the torch backend takes a variant
+        BACKENDS[resolve_backend_name("torch" if name == "auto" else name)].resolve_params(params)
+        return
+    defaults = {**TVL1_DEFAULTS, **TVL1_CUDA_DEFAULTS}
+    unknown = sorted(set(params) - set(defaults))
+    if unknown:
+        raise OptionError(f"unknown TV-L1 parameters {unknown}; known: {sorted(defaults)}", "flow_params")
+    for key, value in params.items():
+        tvl1_value(key, value, defaults[key])
 
 
 def _gpu_for_torch(gpus: int | None) -> bool:
@@ -74,8 +93,8 @@ def parse_flow_params(text: str | None) -> dict:
     params: dict = {}
     for item in filter(None, (text or "").split(",")):
         key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"flow parameter {item!r} is not key=value")
+        if not sep or not key.strip():
+            raise OptionError(f"flow parameter {item!r} is not key=value", "flow_params")
         for cast in (int, float):
             try:
                 params[key.strip()] = cast(value)

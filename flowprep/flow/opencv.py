@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import cv2
 import numpy as np
 
-from flowprep.errors import FlowError
+from flowprep.errors import FlowError, OptionError
 
 # flowprep's parameter names and OpenCV's defaults (opencv_contrib optflow/tvl1flow.cpp and
 # cudaoptflow/tvl1flow.cpp), each in the order of its solver's create() arguments.
@@ -14,17 +16,52 @@ TVL1_DEFAULTS = {**_SHARED, "inner_iterations": 30, "outer_iterations": 10, "sca
 TVL1_CUDA_DEFAULTS = {**_SHARED, "iterations": 300, "scale_step": 0.8, "gamma": 0.0}
 
 
+# The values each parameter may take, for every solver (OpenCV CPU and CUDA, and the torch solver
+# that follows them). OpenCV itself takes warps=0, tau=-1 or theta=0 and returns zero, diverged or
+# NaN flow for every video, and fails each video inside calc() on nscales=0, a scale step outside
+# (0, 1] or a median size other than 0, 1 (off), 3 or 5 (what medianBlur takes for float images).
+TVL1_LIMITS = {
+    "tau": ("> 0", lambda v: v > 0),
+    "lambda": ("> 0", lambda v: v > 0),
+    "theta": ("> 0", lambda v: v > 0),
+    "nscales": (">= 1", lambda v: v >= 1),
+    "warps": (">= 1", lambda v: v >= 1),
+    "epsilon": (">= 0 (0: every iteration runs)", lambda v: v >= 0),
+    "inner_iterations": (">= 1", lambda v: v >= 1),
+    "outer_iterations": (">= 1", lambda v: v >= 1),
+    "iterations": (">= 1", lambda v: v >= 1),
+    "scale_step": ("in (0, 1) (nscales=1 for no pyramid)", lambda v: 0 < v < 1),
+    "gamma": (">= 0", lambda v: v >= 0),
+    "median_filtering": ("0 or 1 (off), 3 or 5", lambda v: v in (0, 1, 3, 5)),
+}
+
+
+def tvl1_value(name: str, value, default, solver: str = "TV-L1"):
+    """``value`` of parameter ``name`` as ``default``'s type (a whole number for a count), finite
+    and within :data:`TVL1_LIMITS`; :class:`OptionError` naming the parameter otherwise."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise OptionError(f"{solver} parameter {name}={value!r} is not a number", "flow_params") from None
+    if not math.isfinite(number):
+        raise OptionError(f"{solver} parameter {name}={value!r} must be a finite number", "flow_params")
+    if isinstance(default, int):
+        if number != int(number) or abs(number) >= 2**31:  # OpenCV takes a C int
+            raise OptionError(f"{solver} parameter {name}={value!r} must be a whole number (below 2^31)", "flow_params")
+        number = int(number)
+    rule, allowed = TVL1_LIMITS[name]
+    if not allowed(number):
+        raise OptionError(f"{solver} parameter {name}={value!r} must be {rule}", "flow_params")
+    return number
+
+
 def merge_params(params: dict, defaults: dict, solver: str = "TV-L1") -> dict:
-    """``params`` over ``defaults``, each value of its default's type; an unknown name, or a
-    fraction where a count is expected, is an error."""
+    """``params`` over ``defaults``, each value checked by :func:`tvl1_value`; an unknown name is
+    an :class:`OptionError` too."""
     unknown = sorted(set(params) - set(defaults))
     if unknown:
-        raise ValueError(f"unknown {solver} parameters {unknown}; known: {sorted(defaults)}")
-    merged = {k: type(v)(params.get(k, v)) for k, v in defaults.items()}
-    fractional = sorted(k for k, v in merged.items() if isinstance(v, int) and v != params.get(k, v))
-    if fractional:
-        raise ValueError(f"{solver} parameters {fractional} must be whole numbers")
-    return merged
+        raise OptionError(f"unknown {solver} parameters {unknown}; known: {sorted(defaults)}", "flow_params")
+    return {k: tvl1_value(k, params[k], v, solver) if k in params else v for k, v in defaults.items()}
 
 
 def tvl1_params(params: dict) -> dict:
@@ -35,6 +72,10 @@ def tvl1_params(params: dict) -> dict:
 def tvl1_cuda_params(params: dict) -> dict:
     """``params`` over OpenCV CUDA's TV-L1 defaults."""
     return merge_params(params, TVL1_CUDA_DEFAULTS, "OpenCV CUDA TV-L1")
+
+
+NO_OPENCV_CUDA = (f"opencv-cuda needs OpenCV built with CUDA and a GPU it can see (cv2 {cv2.__version__} sees none); "
+                  "use --flow torch for GPU flow without a custom OpenCV")
 
 
 def opencv_cuda_devices() -> int:
@@ -92,8 +133,7 @@ class OpenCVCudaTVL1:
 
     def __init__(self, params: dict | None = None, threads: int = 1, gpu: int = 0):
         if opencv_cuda_devices() == 0:
-            raise FlowError("opencv-cuda needs OpenCV built with CUDA and a GPU it can see "
-                            f"(cv2 {cv2.__version__} sees none); use --flow torch for GPU flow without a custom OpenCV")
+            raise FlowError(NO_OPENCV_CUDA)
         self.params = tvl1_cuda_params(params or {})
         cv2.setNumThreads(threads)
         cv2.cuda.setDevice(gpu)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from flowprep.errors import FlowError
+from flowprep.errors import FlowError, OptionError
 from flowprep.flow.opencv import (
     TVL1_CUDA_DEFAULTS,
     TVL1_DEFAULTS,
@@ -42,15 +42,14 @@ STEPS_PER_CHECK = 10
 
 
 def torch_tvl1_params(params: dict) -> dict:
-    """``params`` (with ``variant``) over that variant's defaults; an unknown name is an error."""
+    """``params`` (with ``variant``) over that variant's defaults, checked as OpenCV's (see
+    :func:`~flowprep.flow.opencv.merge_params`); an unknown name is an error."""
     variant = params.get("variant", "cpu")
     if variant not in VARIANT_DEFAULTS:
-        raise ValueError(f"unknown TV-L1 variant {variant!r}; choose cpu or cuda")
+        raise OptionError(f"unknown TV-L1 variant {variant!r}; choose cpu or cuda", "flow_params")
     merged = merge_params({k: v for k, v in params.items() if k != "variant"}, VARIANT_DEFAULTS[variant], f"TV-L1 (variant {variant})")
     if merged["gamma"] != 0:
-        raise ValueError("the torch TV-L1 solves the brightness-constancy model only: gamma must be 0")
-    if merged.get("median_filtering", 1) not in (0, 1, 3, 5):
-        raise ValueError("median_filtering must be 0 or 1 (off), 3 or 5, as OpenCV takes for float images")
+        raise OptionError("the torch TV-L1 solves the brightness-constancy model only: gamma must be 0", "flow_params")
     return {"variant": variant, **merged}
 
 

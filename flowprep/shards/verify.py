@@ -1,24 +1,23 @@
-"""Check an output folder against its index: every shard present and readable, every video's
-bytes matching its checksum, a sample of frames decoding to the right shape."""
+"""Check an output folder against its index: every shard present, as long as written and readable,
+every video's bytes matching its checksum, a sample of frames decoding to the right shape; and
+repair one by dropping what is damaged, for a rerun of extract to redo."""
 
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict
 from pathlib import Path
 
-
-from flowprep.shards.layout import PARTIAL, SHARDS, complete_shards, update_checksum
+from flowprep.shards.layout import (
+    INDEX,
+    PARTIAL,
+    SHARDS,
+    complete_shards,
+    damaged_shards,
+    drop_shards,
+    rebuild_index,
+    remove_partial_files,
+)
 from flowprep.shards.reader import ShardReader, spread_indices
-
-
-def video_checksum(reader: ShardReader, video_id: str) -> str:
-    """sha256 over each frame's stored RGB bytes then its flow bytes, in frame order (as written)."""
-    n = reader.meta(video_id)["num_frames"]
-    rgb, flow = reader.blobs(video_id, "rgb", range(n)), reader.blobs(video_id, "flow", range(n - 1))
-    sha = hashlib.sha256()
-    update_checksum(sha, rgb, flow)
-    return sha.hexdigest()
 
 
 def verify(out: str | Path, sample_frames: int = 3) -> list[str]:
@@ -26,32 +25,67 @@ def verify(out: str | Path, sample_frames: int = 3) -> list[str]:
 
     Decodes ``sample_frames`` RGB frames and flows per video, spread over its length.
     """
-    out = Path(out)
-    reader = ShardReader(out)
+    return [problem for _, problem in find_problems(Path(out), sample_frames)]
+
+
+def find_problems(out: Path, sample_frames: int) -> list[tuple[str | None, str]]:
+    """``(shard, problem)`` for each problem of ``out``; ``shard`` is the complete shard to drop to
+    repair it, ``None`` for the problems a rerun of extract mends by itself."""
     leftovers = sorted([*out.glob(f"*{PARTIAL}"), *(out / SHARDS).glob(f"*{PARTIAL}")])
-    problems = [f"{p}: left by an interrupted run (rerun extract to finish it)" for p in leftovers]
+    problems: list[tuple[str | None, str]] = [(None, f"{p}: left by an interrupted run (rerun extract to finish it)") for p in leftovers]
+    damaged = damaged_shards(out)
+    problems += [(s, f"{out / s}: damaged: {reason}") for s, reason in damaged.items()]
+    if not (out / INDEX).is_file():
+        return problems + [(None, f"{out / INDEX} is missing (a rerun of extract or `verify --repair` rebuilds it)")]
+    reader = ShardReader(out)
     by_shard: dict[str, list[str]] = defaultdict(list)
     for video_id in reader.video_ids:
         by_shard[reader.meta(video_id)["shard"]].append(video_id)
-    problems += [f"{out / s}: complete shard missing from the index" for s in complete_shards(out) if s not in by_shard]
+    problems += [(None, f"{out / s}: complete shard missing from the index (a rerun of extract rebuilds it)")
+                 for s in complete_shards(out) if s not in by_shard and s not in damaged]
     for shard, video_ids in by_shard.items():
+        if shard in damaged:
+            continue
         try:
             reader._shard(shard)
         except OSError as e:
-            problems.append(str(e))
+            problems.append((shard, str(e)))
             continue
         for video_id in video_ids:
             try:
                 meta = reader.meta(video_id)
-                if video_checksum(reader, video_id) != meta["checksum"]:
-                    problems.append(f"{out / shard}: {video_id}: stored bytes do not match the index checksum")
+                if reader.checksum(video_id) != meta["checksum"]:
+                    problems.append((shard, f"{out / shard}: {video_id}: stored bytes do not match the index checksum"))
                     continue
                 n = meta["num_frames"]
-                rgb = reader.rgb_at(video_id, spread_indices(n, sample_frames))
-                flow = reader.flow_at(video_id, spread_indices(n - 1, sample_frames))
-                if rgb.shape[1:] != (meta["height"], meta["width"], 3) or flow.shape[1:] != (meta["height"], meta["width"], 2):
-                    problems.append(f"{out / shard}: {video_id}: frames decode to {rgb.shape[1:]} / {flow.shape[1:]}")
+                reader.rgb_at(video_id, spread_indices(n, sample_frames))
+                reader.flow_at(video_id, spread_indices(n - 1, sample_frames))
             except Exception as e:  # any failure to read is what verify is there to report
-                problems.append(f"{out / shard}: {video_id}: {type(e).__name__}: {e}")
+                problems.append((shard, f"{out / shard}: {video_id}: {type(e).__name__}: {e}"))
     reader.close()
     return problems
+
+
+def repair(out: str | Path, sample_frames: int = 3) -> tuple[list[str], list[str]]:
+    """Make ``out`` whole by dropping what is damaged; returns ``(problems found, shards dropped)``.
+
+    Deletes the leftovers of an interrupted run and every complete shard with a problem, with its
+    index part, and rebuilds ``index.parquet`` from the shards that remain. The videos of the
+    dropped shards are then missing: a rerun of the extract command (same options) extracts them
+    again, into new shards after the last one.
+    """
+    out = Path(out)
+    found = [f"{p}: left by an interrupted run, deleted" for p in remove_partial_files(out)]
+    if not (out / INDEX).is_file():
+        found.append(f"{out / INDEX} was missing, rebuilt")
+    # The cheap checks first, so that the index can be rebuilt from the intact shards' parts and
+    # the full check reads an index that lists exactly them.
+    damaged = damaged_shards(out)
+    found += [f"{out / s}: damaged: {reason}" for s, reason in damaged.items()]
+    drop_shards(out, list(damaged))
+    rebuild_index(out)
+    problems = find_problems(out, sample_frames)
+    bad = sorted({s for s, _ in problems if s})
+    drop_shards(out, bad)
+    rebuild_index(out)
+    return found + [p for _, p in problems], sorted(damaged) + bad

@@ -19,13 +19,11 @@ import pyarrow as pa
 from flowprep.pipeline import ExtractConfig, VideoChunk
 from flowprep.shards.layout import (
     ARROW_SHARD_SCHEMA,
-    INDEX_SCHEMA,
     PARTIAL,
     SHARDS,
-    index_part_path,
     shard_name,
     update_checksum,
-    write_table,
+    write_index_part,
 )
 
 
@@ -151,7 +149,8 @@ class ShardWriter:
         video["bytes"] += size
         video["num_frames"] += len(chunk.rgb)
         video.update(height=chunk.height, width=chunk.width, source_fps=chunk.source.fps,
-                     source_duration=chunk.source.duration, source_codec=chunk.source.codec)
+                     source_duration=chunk.source.duration, source_codec=chunk.source.codec,
+                     source_stream=chunk.source.stream, corrupt_frames=chunk.corrupt_frames)
         self._bytes += size
 
     def end_video(self) -> dict:
@@ -181,7 +180,7 @@ class ShardWriter:
             return
         with open(partial, "rb+") as f:
             os.fsync(f.fileno())  # the rename below must never expose a shard that is not on disk
-        write_table(index_part_path(self.out, self._shard), pa.Table.from_pylist(self._rows, schema=INDEX_SCHEMA))
+        write_index_part(self.out, self._shard, self._rows, partial.stat().st_size)
         os.replace(partial, self.out / self._shard)
         if self._on_shard_complete:
             self._on_shard_complete(self._shard, self._rows)

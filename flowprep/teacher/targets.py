@@ -25,12 +25,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flowprep.shards.layout import DATASET_JSON, INDEX, index_part_path, write_atomic, write_table
+from flowprep.shards.layout import DATASET_JSON, INDEX, TEACHER_JSON, TEACHERS, index_part_path, write_atomic, write_table
 from flowprep.teacher.views import View, ViewGrid
 
 TEACHER_SCHEMA_VERSION = 1
-TEACHERS = "teachers"
-TEACHER_JSON = "teacher.json"
 
 TARGET_INDEX_SCHEMA = pa.schema(
     [

@@ -263,6 +263,25 @@ def test_a_full_disk_stops_with_one_line_and_the_rerun_completes_the_same_output
     assert pq.read_table(out / "index.parquet").equals(pq.read_table(reference / "index.parquet"))
 
 
+def test_a_full_disk_with_hdf5_shards_is_one_line_too(src, tmp_path):
+    def small_file_limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
+
+    reference, out = tmp_path / "reference", tmp_path / "out"
+    command = [sys.executable, "-m", "flowprep.cli", "-q", "extract", "--src", str(src), *ARGS, "--format", "hdf5"]
+    assert subprocess.run([*command, "--out", str(reference)], capture_output=True).returncode == 0
+    full = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True, timeout=300, preexec_fn=small_file_limit)
+    assert full.returncode == 1, full.stderr  # libhdf5 used to crash the process here
+    assert full.stderr.strip().splitlines() == [f"Error: out of space writing to {out} (File too large): the output is "
+                                                "resumable, make room and rerun the same command"]
+    rerun = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0 and "written" in rerun.stdout, rerun.stderr
+    assert complete_shards(out) == complete_shards(reference)
+    for name in complete_shards(reference):
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+
+
 def test_a_failure_line_cut_short_is_redone_not_a_crash(output, src):
     with open(output / "failures.jsonl", "a") as f:
         f.write('{"video_id": "p1", "source": "x", "sta')  # a full disk or a kill in mid-line

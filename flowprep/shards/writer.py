@@ -8,6 +8,7 @@ killed one's last complete shard ended.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -58,11 +59,19 @@ class ArrowShardFile:
 
 class HDF5ShardFile:
     """An HDF5 file: group ``videos/<video_id>`` with datasets ``rgb`` and ``flow``, each a chunked
-    1-D array of encoded frames (variable-length uint8), ``flow`` one shorter than ``rgb``."""
+    1-D array of encoded frames (variable-length uint8), ``flow`` one shorter than ``rgb``.
+
+    The file is built in memory and written to ``path`` when closed: libhdf5 cannot stop cleanly
+    when a write fails (a full disk crashed the process inside it), while Python's own write
+    raises an ``OSError`` that the run reports in one line, leaving the output resumable. It costs
+    the shard's size in memory (``--shard-size`` plus at most one video).
+    """
 
     def __init__(self, path: Path, metadata: dict[str, str], chunk_frames: int):
+        self._path = path
+        self._image = io.BytesIO()
         # Without timestamps and with a fixed format version, equal content gives equal bytes.
-        self._file = h5py.File(path, "w", libver=("v110", "v110"), track_order=True)
+        self._file = h5py.File(self._image, "w", libver=("v110", "v110"), track_order=True)
         self._file.attrs.update(metadata)
         self._videos = self._file.create_group("videos", track_order=True)
         self._chunk_frames = chunk_frames
@@ -92,6 +101,9 @@ class HDF5ShardFile:
 
     def close(self) -> None:
         self._file.close()
+        with open(self._path, "wb") as f:
+            f.write(self._image.getbuffer())
+        self._image = None
 
 
 class ShardWriter:

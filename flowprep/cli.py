@@ -207,7 +207,7 @@ def describe_teacher(out: Path, name: str) -> dict:
     targets = TeacherTargets(out, name)
     params = targets.description["params"]
     return {"model": params["model"], "outputs": params["outputs"], "grid": params["grid"], "videos": len(targets),
-            "views": sum(len(targets.views(v)) for v in targets.video_ids),
+            "views": targets.total_views,
             "failed": len(read_failures(targets.folder)),
             "bytes": sum(p.stat().st_size for p in (targets.folder / "shards").glob("*.arrow"))}
 

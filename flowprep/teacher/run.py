@@ -340,6 +340,14 @@ def prepare_teacher(folder: Path, description: dict, overwrite: bool) -> None:
     write_json(path, description)
 
 
+def _views_of(reader: ShardReader, video_id: str, grid: ViewGrid) -> int:
+    meta = reader.meta(video_id)
+    try:
+        return grid.count(meta["num_frames"] - 1, meta["height"], meta["width"])
+    except ValueError:  # too small for the crop: no view
+        return 0
+
+
 def local_outputs(items: Iterable[WorkItem], reader: ShardReader, model: TeacherModel) -> Iterator[tuple[WorkItem, list[SegmentOutputs]]]:
     """``(item, outputs)`` for each item, computed in this process."""
     for item in items:
@@ -394,7 +402,8 @@ def _compute_targets(reader: ShardReader, name: str, config: TeacherConfig, over
     todo = [s for s in complete_shards(out) if s not in done]
     report = TeacherReport(videos=len(reader), skipped=len(index) + len(settled), failed=len(settled), failures=settled)
     views_per_item = config.batch_size * max(1, round(ITEM_VIEWS / config.batch_size))
-    total_views = sum(len(s.views) for item in plan_items(reader, todo, config.grid, views_per_item) for s in item.segments)
+    total_views = sum(_views_of(reader, video_id, config.grid) for video_id in reader.video_ids
+                      if reader.meta(video_id)["shard"] in todo)
     log.info("teacher %s: %d videos, %d done before, %d views to compute", name, len(reader), report.skipped, total_views)
 
     items = plan_items(reader, todo, config.grid, views_per_item)

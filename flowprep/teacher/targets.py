@@ -131,6 +131,11 @@ class TeacherTargets:
     def __len__(self) -> int:
         return len(self._index)
 
+    @property
+    def total_views(self) -> int:
+        """Views stored, over every video (from the index)."""
+        return sum(row["views"] for row in self._index.values())
+
     def __contains__(self, video_id: str) -> bool:
         return video_id in self._index
 

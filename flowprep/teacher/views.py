@@ -76,6 +76,10 @@ class ViewGrid:
         corners = self.corners(height, width)
         return [View(s, top, left, f) for s in self.starts(positions) for top, left in corners for f in self.flips()]
 
+    def count(self, positions: int, height: int, width: int) -> int:
+        """``len(self.views(...))`` without listing them."""
+        return len(self.starts(positions)) * len(self.corners(height, width)) * len(self.flips())
+
     def row(self, view: View, positions: int, height: int, width: int) -> int:
         """The position of ``view`` in :meth:`views`; ``KeyError`` for a view not on the grid."""
         start, top, left, flip = view

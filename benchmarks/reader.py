@@ -1,20 +1,23 @@
-"""ClipDataset throughput against a rawframes JPEG folder (mmaction2's way) and on-the-fly decoding.
+"""ClipDataset throughput by RGB codec, against a rawframes JPEG folder (mmaction2's way).
 
 In one run, 64-frame 224x224 training clips (random start, crop and flip) from the same videos
 (bikes.mp4, bigbuckbunny.mp4, carphone at short side 256):
 
-* flowprep ClipDataset over Arrow and HDF5 shards, rgb-only and rgb+flow; also with uint8 output
-  (``normalize=False``, normalized later on the GPU) and over Arrow shards of raw RGB
-  (``--rgb-codec raw``: no JPEG to decode, 22x the bytes);
-* (a) the same clips from the exported rawframes folder, read with cv2.imread (mmaction2's
-  RawframeDataset path), rgb-only and rgb+flow;
-* (b) rgb decoded from the source mp4 with PyAV on the fly (seek, decode, resize, crop).
+1. RGB codecs: the same videos extracted with each ``--rgb-codec`` (jpeg:95, the default;
+   jpeg-rst:95, whose crops decode only their MCUs; yuv420:lz4, yuv420:zstd:3 and yuv420:raw,
+   which unpack and convert only the crop's tiles; raw RGB), read by ClipDataset as uint8
+   (``normalize=False``, normalized later on the GPU) and float32, beside stored bytes per frame;
+   baseline (a): the same clips from the exported rawframes folder read with cv2.imread
+   (mmaction2's RawframeDataset path), uint8 and float32 too.
+2. Formats and flow, at the default codec: Arrow and HDF5 shards, rgb-only and rgb+flow, against
+   (a), and (b) rgb decoded from the source mp4 with PyAV on the fly (seek, decode, resize, crop).
 
-each with DataLoader num_workers 0 and 2. Run:
+each with DataLoader num_workers 0 (one core) and 2. Run:
 
     python benchmarks/reader.py [--clips 24] [--json benchmarks/results/reader.json]
 
-pixel MB/s counts the clip's pixels as uint8 (T x 224 x 224 x 3, + 2 channels of flow).
+clips/s/core divides by the cores used (1, or the workers); pixel MB/s counts the clip's pixels as
+uint8 (T x 224 x 224 x 3, + 2 channels of flow).
 
 The shards are made with a cheap TV-L1 setting (1 scale, 1 warp) so that the set-up takes seconds;
 the stored sizes are those of real flow, which is what reading costs depend on.
@@ -51,10 +54,10 @@ T, CROP = 64, 224
 class _Clips(Dataset):
     """Random (video, start, crop, flip) per item, as ClipDataset draws them; subclasses read frames."""
 
-    def __init__(self, reader: ShardReader, with_flow: bool, seed: int = 0):
+    def __init__(self, reader: ShardReader, with_flow: bool, normalize: bool = True, seed: int = 0):
         self.videos = reader.video_ids
         self.meta = {v: reader.meta(v) for v in self.videos}
-        self.with_flow, self.seed = with_flow, seed
+        self.with_flow, self.normalize, self.seed = with_flow, normalize, seed
 
     def __len__(self) -> int:
         return len(self.videos)
@@ -71,7 +74,8 @@ class _Clips(Dataset):
     def finish(self, rgb: np.ndarray, flow: np.ndarray | None, flip: bool) -> dict:
         if flip:
             rgb = rgb[:, :, ::-1]
-        item = {"rgb": torch.from_numpy(np.ascontiguousarray(rgb.transpose(3, 0, 1, 2)).astype(np.float32) / 127.5 - 1)}
+        planar = np.ascontiguousarray(rgb.transpose(3, 0, 1, 2))
+        item = {"rgb": torch.from_numpy(planar.astype(np.float32) / 127.5 - 1 if self.normalize else planar)}
         if flow is not None:
             if flip:
                 flow = flow[:, :, ::-1] * np.array([-1, 1], np.float32)
@@ -82,8 +86,8 @@ class _Clips(Dataset):
 class RawframesClips(_Clips):
     """mmaction2's RawframeDataset path: one cv2.imread per frame (and two per flow)."""
 
-    def __init__(self, reader, with_flow, root: Path):
-        super().__init__(reader, with_flow)
+    def __init__(self, reader, with_flow, root: Path, normalize: bool = True):
+        super().__init__(reader, with_flow, normalize)
         self.root = root
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
@@ -133,45 +137,88 @@ def measure(dataset: Dataset, clips: int, workers: int, repeat: int = 3) -> floa
     return clips / statistics.median(times)
 
 
+RGB_CODECS = ["jpeg:95", "jpeg-rst:95", "yuv420:lz4", "yuv420:zstd:3", "yuv420:raw", "raw"]
+RAWFRAMES = "(a) rawframes cv2.imread"
+
+
+def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
+    """Print ``rows`` with ``columns`` given as (key, heading, format)."""
+    print("  ".join(f"{heading:>{len(format(0, fmt)) if fmt else 30}}" for _, heading, fmt in columns))
+    for r in rows:
+        print("  ".join(f"{r[key]:{fmt}}" if fmt else f"{r[key]:30}" for key, _, fmt in columns))
+
+
+def codec_rows(work: Path, sources: Path, clips: int) -> list[dict]:
+    """Part 1: RGB clips by codec, uint8 and float32 out, 0 and 2 workers, against rawframes."""
+    outs = {}
+    for codec in RGB_CODECS:
+        outs[codec] = work / f"rgb-{codec.replace(':', '-')}"
+        extract(sources, outs[codec], ExtractConfig(flow_params=CHEAP_TVL1, rgb_codec=codec), workers=0, progress=False)
+    reader = ShardReader(outs["jpeg:95"])
+    frames = sum(reader.meta(v)["num_frames"] for v in reader.video_ids)
+    rows = []
+    for normalize in (False, True):
+        candidates = {codec: ClipDataset(out, ("rgb",), clip_len=T, crop=CROP, normalize=normalize) for codec, out in outs.items()}
+        candidates[RAWFRAMES] = RawframesClips(reader, False, work / "rawframes" / "rawframes", normalize)
+        for workers in (0, 2):
+            rates = {name: measure(ds, clips, workers) for name, ds in candidates.items()}
+            for name, rate in rates.items():
+                stored = (sum(ShardReader(outs[name]).meta(v)["bytes"] for v in reader.video_ids) if name in outs
+                          else sum(f.stat().st_size for f in (work / "rawframes" / "rawframes").rglob("img_*.jpg")))
+                rows.append({"output": "float32" if normalize else "uint8", "workers": workers, "reader": name,
+                             "rgb_KB_per_frame": stored / frames / 1e3, "clips_per_s": rate,
+                             "clips_per_s_per_core": rate / max(workers, 1), "ratio_to_rawframes": rate / rates[RAWFRAMES]})
+    return rows
+
+
+def format_rows(work: Path, sources: dict[str, str], clips: int) -> list[dict]:
+    """Part 2: Arrow and HDF5, rgb and rgb+flow, at the default codec, against rawframes and PyAV."""
+    extract(work / "src", work / "hdf5", ExtractConfig(flow_params=CHEAP_TVL1, format="hdf5"), workers=0, progress=False)
+    arrow = work / "rgb-jpeg-95"
+    reader = ShardReader(arrow)
+    rows = []
+    for with_flow in (False, True):
+        modalities = ("rgb", "flow") if with_flow else ("rgb",)
+        candidates = {"flowprep arrow": ClipDataset(arrow, modalities, clip_len=T, crop=CROP),
+                      "flowprep hdf5": ClipDataset(work / "hdf5", modalities, clip_len=T, crop=CROP),
+                      "flowprep arrow, uint8 out": ClipDataset(arrow, modalities, clip_len=T, crop=CROP, normalize=False),
+                      RAWFRAMES: RawframesClips(reader, with_flow, work / "rawframes" / "rawframes")}
+        if not with_flow:
+            candidates["(b) PyAV decode on the fly"] = DecodeClips(reader, sources)
+        for workers in (0, 2):
+            rates = {name: measure(ds, clips, workers) for name, ds in candidates.items()}
+            for name, rate in rates.items():
+                rows.append({"modalities": "+".join(modalities), "workers": workers, "reader": name, "clips_per_s": rate,
+                             "ratio_to_rawframes": rate / rates[RAWFRAMES],
+                             "pixel_MB_per_s": rate * T * CROP * CROP * (5 if with_flow else 3) / 1e6})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clips", type=int, default=24)
+    parser.add_argument("--skip-formats", action="store_true", help="only part 1, the RGB codecs")
     parser.add_argument("--json", default="benchmarks/results/reader.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
 
     work = Path(tempfile.mkdtemp(prefix="flowprep-reader-"))
-    src = work / "src"
-    sources = {path.stem: str(path) for path in make_sample_folder(src)}
-    for name, options in {"arrow": {}, "hdf5": {"format": "hdf5"}, "arrow-raw": {"rgb_codec": "raw"}}.items():
-        extract(src, work / name, ExtractConfig(flow_params=CHEAP_TVL1, **options), workers=0, progress=False)
-    export_rawframes(work / "arrow", work / "rawframes")
-    reader = ShardReader(work / "arrow")
-    stored = {name: sum(ShardReader(work / name).meta(v)["bytes"] for v in reader.video_ids)
-              / sum(reader.meta(v)["num_frames"] for v in reader.video_ids) for name in ("arrow", "arrow-raw")}
-
-    rows = []
-    for with_flow in (False, True):
-        modalities = ("rgb", "flow") if with_flow else ("rgb",)
-        candidates = {"flowprep arrow": ClipDataset(work / "arrow", modalities, clip_len=T, crop=CROP),
-                      "flowprep hdf5": ClipDataset(work / "hdf5", modalities, clip_len=T, crop=CROP),
-                      "flowprep arrow, uint8 out": ClipDataset(work / "arrow", modalities, clip_len=T, crop=CROP, normalize=False),
-                      "flowprep arrow, raw RGB": ClipDataset(work / "arrow-raw", modalities, clip_len=T, crop=CROP),
-                      "(a) rawframes cv2.imread": RawframesClips(reader, with_flow, work / "rawframes" / "rawframes")}
-        if not with_flow:
-            candidates["(b) PyAV decode on the fly"] = DecodeClips(reader, sources)
-        for workers in (0, 2):
-            results = {name: measure(ds, args.clips, workers) for name, ds in candidates.items()}
-            base = results["(a) rawframes cv2.imread"]
-            for name, rate in results.items():
-                rows.append({"modalities": "+".join(modalities), "workers": workers, "reader": name, "clips_per_s": rate,
-                             "ratio_to_rawframes": rate / base, "pixel_MB_per_s": rate * T * CROP * CROP * (5 if with_flow else 3) / 1e6})
-    print(f"{'modalities':10} {'workers':>7}  {'reader':30} {'clips/s':>8} {'x rawframes':>11} {'pixel MB/s':>10}")
-    for r in rows:
-        print(f"{r['modalities']:10} {r['workers']:7}  {r['reader']:30} {r['clips_per_s']:8.2f} {r['ratio_to_rawframes']:11.2f} {r['pixel_MB_per_s']:10.1f}")
-    result = {"clip_len": T, "crop": CROP, "clips": args.clips, "cores": os.cpu_count(), "stored_bytes_per_frame": stored, "rows": rows}
-    write_results(args.json, result)
+    sources = {path.stem: str(path) for path in make_sample_folder(work / "src")}
+    extract(work / "src", work / "rgb-jpeg-95", ExtractConfig(flow_params=CHEAP_TVL1), workers=0, progress=False)
+    export_rawframes(work / "rgb-jpeg-95", work / "rawframes")
+    codecs = codec_rows(work, work / "src", args.clips)
+    table(codecs, [("output", "output", "7"), ("workers", "workers", "7d"), ("reader", "reader", ""),
+                   ("rgb_KB_per_frame", "KB/frame", "8.1f"), ("clips_per_s", "clips/s", "8.2f"),
+                   ("clips_per_s_per_core", "clips/s/core", "12.2f"), ("ratio_to_rawframes", "x rawframes", "11.2f")])
+    formats = [] if args.skip_formats else format_rows(work, sources, args.clips)
+    if formats:
+        print()
+        table(formats, [("modalities", "modalities", "10"), ("workers", "workers", "7d"), ("reader", "reader", ""),
+                        ("clips_per_s", "clips/s", "8.2f"), ("ratio_to_rawframes", "x rawframes", "11.2f"),
+                        ("pixel_MB_per_s", "pixel MB/s", "10.1f")])
+    write_results(args.json, {"clip_len": T, "crop": CROP, "clips": args.clips, "cores": os.cpu_count(),
+                              "codecs": codecs, "formats": formats})
     shutil.rmtree(work)
 
 

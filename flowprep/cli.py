@@ -19,7 +19,7 @@ from flowprep.errors import OptionError
 from flowprep.extract import ExtractReport, OutputMismatch, OutputRefused, allowed_failures, extract
 from flowprep.flow import BACKENDS, parse_flow_params
 from flowprep.lock import OutputLocked
-from flowprep.pipeline import ExtractConfig
+from flowprep.pipeline import NO_FLOW, ExtractConfig
 from flowprep.shards import ShardReader
 from flowprep.shards.layout import FAILURES, read_failures
 from flowprep.teacher.targets import list_teachers
@@ -100,7 +100,7 @@ def extract_options(f):
         click.option("--fps", default=25, show_default=True, type=click.IntRange(min=1), help="Output frame rate, resampled by timestamp."),
         click.option("--short-side", default=256, show_default=True, type=click.IntRange(min=16), help="Resize the short side to this many pixels."),
         click.option("--max-frames", type=click.IntRange(min=2), help="At most N frames per video."),
-        click.option("--flow", "flow_backend", default="auto", show_default=True, type=click.Choice(["auto", *sorted(BACKENDS)]), help="Flow backend: torch (PyTorch TV-L1, on a GPU when there is one), opencv-cuda (needs OpenCV built with CUDA), opencv (CPU), or auto: torch on a GPU, then opencv-cuda, then opencv."),
+        click.option("--flow", "flow_backend", default="auto", show_default=True, type=click.Choice(["auto", *sorted(BACKENDS), NO_FLOW]), help=f"Flow backend: torch (PyTorch TV-L1, on a GPU when there is one), opencv-cuda (needs OpenCV built with CUDA), opencv (CPU), or auto: torch on a GPU, then opencv-cuda, then opencv. {NO_FLOW}: no flow, RGB-only shards (no --flow-params; the other flow options are recorded, unused)."),
         click.option("--flow-params", default="", help="TV-L1 parameters, e.g. tau=0.25,lambda=0.15,warps=5 (all recorded). torch: variant=cpu (OpenCV CPU's algorithm, the default) or variant=cuda (OpenCV CUDA's, with iterations=300)."),
         click.option("--flow-bound", default=20.0, show_default=True, type=FiniteFloatRange(min=0, min_open=True), help="Clip flow to ±this many pixels."),
         click.option("--flow-dtype", default="uint8", show_default=True, type=click.Choice(["uint8", "float16"]), help="uint8: quantized to the bound; float16: unquantized."),
@@ -110,8 +110,8 @@ def extract_options(f):
         click.option("--shard-size", default="1GiB", show_default=True, callback=lambda ctx, p, v: parse_size(v), help="Close a shard once it holds this many bytes (videos are never split)."),
         click.option("--chunk-frames", default=8, show_default=True, type=click.IntRange(min=1), help="Frames per stored batch and per flow task."),
         click.option("--fail-corrupt", is_flag=True, help="Fail a video (stage decode) when FFmpeg flags one of its frames as corrupt; by default it is written, with a warning and the count in the index."),
-        click.option("--workers", type=click.IntRange(min=0), help="Flow workers (default: every CPU of the Ray cluster, or --gpu-share per GPU for a GPU backend; 0: no Ray, this process only)."),
-        click.option("--decoders", type=click.IntRange(min=1), help="Decode workers (default: one per 16 CPU flow workers, or per 4 CPUs beside GPU flow workers)."),
+        click.option("--workers", type=click.IntRange(min=0), help="Flow workers (default: every CPU of the Ray cluster, or --gpu-share per GPU for a GPU backend; 0: no Ray, this process only). With --flow none: CPUs, one decoder each by default."),
+        click.option("--decoders", type=click.IntRange(min=1), help="Decode workers (default: one per 16 CPU flow workers, or per 4 CPUs beside GPU flow workers; with --flow none, --workers)."),
         click.option("--gpu-share", default=1, show_default=True, type=click.IntRange(min=1), help="GPU flow workers per GPU; each gets that share of the GPU and of its memory."),
         click.option("--ray-address", envvar="RAY_ADDRESS", help="Ray cluster to use, e.g. auto (default: $RAY_ADDRESS, else a local Ray)."),
         click.option("--overwrite", is_flag=True, help="Delete flowprep's output in --out (dataset.json, index.parquet, failures.jsonl, shards/, teachers/) and start over. A folder holding any other file is refused, with or without it."),
@@ -129,7 +129,8 @@ def extract_options(f):
 def extract_command(src, out, annotations, trim, labels_file, limit, fps, short_side, max_frames, flow_backend, flow_params,
                     flow_bound, flow_dtype, rgb_codec, flow_codec, fmt, shard_size, chunk_frames, fail_corrupt, workers, decoders,
                     gpu_share, ray_address, overwrite, retry_failed, allow_failures, progress):
-    """Decode, compute TV-L1 flow and write RGB + flow shards for every video under --src.
+    """Decode, compute TV-L1 flow and write RGB + flow shards for every video under --src
+    (RGB-only shards with --flow none).
 
     A failed video is a line in OUT/failures.jsonl and the run goes on. Rerunning the same
     command resumes: videos in complete shards are skipped (and so are the failures recorded
@@ -175,7 +176,7 @@ def print_summary(report: ExtractReport, out: Path) -> None:
     click.echo(f"videos:  {report.videos} found, {report.skipped} already done, {report.written} written, {report.failed} failed"
                + (f" (see {out / FAILURES})" if report.failed else ""))
     click.echo(f"frames:  {report.frames} frames, {report.flow_pairs} flow pairs in {report.seconds:.1f} s "
-               f"({report.pairs_per_second:.2f} pairs/s)")
+               f"({report.frames_per_second:.2f} frames/s, {report.pairs_per_second:.2f} pairs/s)")
     click.echo(f"written: {human_bytes(report.bytes_written)} to {out}")
 
 
@@ -189,7 +190,8 @@ def describe(out: Path) -> dict:
         "videos": len(rows),
         "failed": len(failures),
         "frames": sum(r["num_frames"] for r in rows),
-        "flow_pairs": sum(r["num_frames"] - 1 for r in rows),
+        "has_flow": reader.has_flow,
+        "flow_pairs": sum(r["num_frames"] - 1 for r in rows) if reader.has_flow else 0,
         "bytes": sum(r["bytes"] for r in rows),
         "shards": len(shards),
         "shard_bytes": sum((out / s).stat().st_size for s in shards),
@@ -234,7 +236,10 @@ def info(out, as_json):
     click.echo(f"shards:  {summary['shards']} {p['format']} files, {human_bytes(summary['shard_bytes'])}")
     click.echo(f"splits:  {', '.join(f'{split}: {n}' for split, n in summary['videos_per_split'].items())}")
     click.echo(f"frames:  {p['fps']} fps, short side {p['short_side']}, rgb {p['rgb_codec']}")
-    click.echo(f"flow:    {p['flow_backend']} {p['flow_params']}, ±{p['flow_bound']} px as {p['flow_dtype']} ({p['flow_codec']})")
+    if summary["has_flow"]:
+        click.echo(f"flow:    {p['flow_backend']} {p['flow_params']}, ±{p['flow_bound']} px as {p['flow_dtype']} ({p['flow_codec']})")
+    else:
+        click.echo(f"flow:    {NO_FLOW} (RGB only)")
     for name, t in summary["teachers"].items():
         g = t["grid"]
         click.echo(f"teacher: {name}: {t['model']}, {t['videos']} videos ({t['failed']} failed), {t['views']} views "
@@ -282,6 +287,8 @@ def teacher_command(out, name, model, checkpoint, num_classes, clip_len, frame_s
                                grid=ViewGrid(clip_len, frame_stride, crop, window_stride, crops, flip),
                                outputs=tuple(o.strip() for o in outputs.split(",") if o.strip()), batch_size=batch_size, device=device)
         report = compute_targets(out, name, config, overwrite=overwrite, workers=workers, ray_address=ray_address, progress=progress)
+    except OptionError as e:  # an output without flow
+        raise bad_usage(e) from None
     except (CheckpointMismatch, TeacherMismatch, OutputLocked, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"videos:  {report.videos} in the shards, {report.skipped} done before, {report.written} written, {report.failed} failed"
@@ -333,7 +340,8 @@ def verify(out, sample_frames, repair):
 @click.option("--frame", type=click.IntRange(min=0), help="Frame for a PNG (default: the middle one).")
 @click.option("--scale", type=FiniteFloatRange(min=0, min_open=True), help="Flow magnitude in pixels shown in full colour (default: the video's 99th percentile).")
 def show(out, video_id, dest, frame, scale):
-    """Write RGB beside its flow in the Middlebury colour wheel, frame index and flow scale marked.
+    """Write RGB beside its flow in the Middlebury colour wheel, frame index and flow scale marked
+    (RGB alone, frame index marked, for an output extracted with --flow none).
 
     The video's stored bytes are checked against the index checksum first. Exit status 0 when
     written, 1 on an error (an unknown video, a missing or damaged shard or index).
@@ -353,7 +361,8 @@ def show(out, video_id, dest, frame, scale):
 @click.option("--layout", default="rawframes", show_default=True, type=click.Choice(["rawframes"]), help="Target layout.")
 @click.option("--quality", default=95, show_default=True, type=click.IntRange(1, 100), help="JPEG quality.")
 def export(out, dest, layout, quality):
-    """Export to the mmaction2/denseflow rawframes layout (img_/flow_x_/flow_y_ JPEGs and file lists).
+    """Export to the mmaction2/denseflow rawframes layout (img_/flow_x_/flow_y_ JPEGs and file lists;
+    img_ and the RGB list only for an output extracted with --flow none).
 
     Every video's stored bytes are checked against the index checksum as it is read. Exit status
     0 when all is written, 1 on an error (a missing or damaged shard or index, DEST not writable).

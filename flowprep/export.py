@@ -10,6 +10,7 @@
 
 The list files are what mmaction2's RawframeDataset reads (``data_prefix = <dest>/rawframes``);
 flow images hold the quantized values ``q = round((f + b) * 255 / 2b)`` as denseflow writes them.
+An output extracted with ``--flow none`` gives the ``img_`` files and the RGB list only.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def export_rawframes(out: str | Path, dest: str | Path, quality: int = 95) -> di
     """Write the rawframes layout of ``out`` under ``dest``; returns videos per split. Each video's
     stored bytes are checked against the index checksum as it is read (``verify=True``)."""
     reader = ShardReader(out, verify=True)
-    if reader.flow_dtype != np.uint8:
+    if reader.has_flow and reader.flow_dtype != np.uint8:
         raise ValueError("rawframes holds uint8 flow: export needs a run with --flow-dtype uint8")
     # extract refuses ids that cannot name a folder; a space is a fine id, but not in these lists.
     spaced = [v for v in reader.video_ids if any(c.isspace() for c in v)]
@@ -48,13 +49,15 @@ def export_rawframes(out: str | Path, dest: str | Path, quality: int = 95) -> di
             stop = min(start + CHUNK, n)
             for i, frame in enumerate(reader.rgb(video_id, start, stop), start + 1):
                 _write(folder / f"img_{i:05d}.jpg", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), params)
-            for i, flow in enumerate(reader.flow(video_id, start, min(stop, n - 1), raw=True), start + 1):
-                _write(folder / f"flow_x_{i:05d}.jpg", flow[..., 0], params)
-                _write(folder / f"flow_y_{i:05d}.jpg", flow[..., 1], params)
+            if reader.has_flow:
+                for i, flow in enumerate(reader.flow(video_id, start, min(stop, n - 1), raw=True), start + 1):
+                    _write(folder / f"flow_x_{i:05d}.jpg", flow[..., 0], params)
+                    _write(folder / f"flow_y_{i:05d}.jpg", flow[..., 1], params)
         videos[meta["split"] or "all"].append((video_id, n, meta["label_index"]))
     for split, rows in videos.items():
         (dest / f"{split}_list_rawframes.txt").write_text("".join(f"{v} {n} {label}\n" for v, n, label in rows))
-        (dest / f"{split}_list_rawframes_flow.txt").write_text("".join(f"{v} {n - 1} {label}\n" for v, n, label in rows))
+        if reader.has_flow:
+            (dest / f"{split}_list_rawframes_flow.txt").write_text("".join(f"{v} {n - 1} {label}\n" for v, n, label in rows))
     return {split: len(rows) for split, rows in videos.items()}
 
 

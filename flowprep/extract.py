@@ -1,4 +1,4 @@
-"""``extract``: a Kinetics-style folder to RGB + flow shards, resumable, with failures recorded.
+"""``extract``: a Kinetics-style folder to RGB + flow (or RGB-only) shards, resumable, with failures recorded.
 
 The driver here owns the output folder: it checks the parameters against an existing run, skips
 videos already in complete shards, writes results in input order and records every failure. The
@@ -68,7 +68,8 @@ class OutputRefused(Exception):
 
 @dataclass
 class ExtractReport:
-    """What one run did. ``seconds`` is wall time from the first video submitted to the last written."""
+    """What one run did. ``seconds`` is wall time from the first video submitted to the last
+    written; ``flow_pairs`` is 0 for an RGB-only run."""
 
     videos: int = 0
     skipped: int = 0
@@ -81,13 +82,20 @@ class ExtractReport:
     failures: list[dict] = field(default_factory=list)
 
     @property
+    def frames_per_second(self) -> float:
+        return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+    @property
     def pairs_per_second(self) -> float:
         return self.flow_pairs / self.seconds if self.seconds > 0 else 0.0
 
 
 def resolve_config(config: ExtractConfig, gpus: int | None = None) -> ExtractConfig:
     """``config`` with the flow backend resolved (``auto`` -> a name) and all its parameters filled
-    in; ``gpus`` are those of the Ray cluster that will run it, if not this machine's."""
+    in; ``gpus`` are those of the Ray cluster that will run it, if not this machine's. An RGB-only
+    ``config`` has nothing to resolve."""
+    if not config.has_flow:
+        return config
     name = resolve_backend_name(config.flow_backend, gpus)
     try:
         params = BACKENDS[name].resolve_params(config.flow_params)
@@ -111,14 +119,16 @@ def versions() -> dict[str, str]:
 
 
 def describe_run(config: ExtractConfig, label_map: dict[str, int], src, annotations, labels_file, gpus: int | None = None) -> dict:
-    """The content of dataset.json: what a run makes and how, to reproduce it."""
+    """The content of dataset.json: what a run makes and how, to reproduce it. ``has_flow`` is
+    what readers go by (:func:`~flowprep.shards.layout.has_flow`)."""
     def absolute(path):
         return path and str(Path(path).resolve())
 
     return {
         "schema_version": SCHEMA_VERSION,
         "params": config.to_dict(),
-        "flow": {"backend": config.flow_backend, "device": flow_device(config.flow_backend, gpus)},
+        "has_flow": config.has_flow,
+        "flow": {"backend": config.flow_backend, "device": flow_device(config.flow_backend, gpus) if config.has_flow else None},
         "label_map": label_map,
         "source": {"src": absolute(src), "annotations": absolute(annotations), "labels_file": absolute(labels_file)},
         "versions": versions(),
@@ -170,7 +180,7 @@ def _difference(old, new) -> str:
 
 def local_video_chunks(specs: Iterable[VideoSpec], config: ExtractConfig) -> Iterator[tuple[VideoSpec, Iterator[VideoChunk]]]:
     """``(spec, chunks)`` computed in this process, one video at a time (debugging, profiling)."""
-    backend = get_backend(config.flow_backend, config.flow_params, threads=cv2.getNumberOfCPUs())
+    backend = get_backend(config.flow_backend, config.flow_params, threads=cv2.getNumberOfCPUs()) if config.has_flow else None
     for spec in specs:
         yield spec, video_chunks(spec, config, backend)
 
@@ -214,7 +224,10 @@ def extract(
     if limit is not None:
         specs = specs[:limit]
     description = describe_run(config, label_map, src, annotations, labels_file, gpus)
-    log.info("flow: %s on %s", config.flow_backend, description["flow"]["device"])
+    if config.has_flow:
+        log.info("flow: %s on %s", config.flow_backend, description["flow"]["device"])
+    else:
+        log.info("flow: none, RGB only")
     out.mkdir(parents=True, exist_ok=True)
     with output_lock(out):  # one writer: a second run is refused before it touches a file
         prepare_output(out, description, overwrite)
@@ -283,7 +296,7 @@ def extract(
                                     spec.video_id, row["corrupt_frames"])
                     report.written += 1
                     report.frames += row["num_frames"]
-                    report.flow_pairs += row["num_frames"] - 1
+                    report.flow_pairs += row["num_frames"] - 1 if config.has_flow else 0
                     report.bytes_written += row["bytes"]
                 report.seconds = time.perf_counter() - start
                 bar.update(1)

@@ -23,6 +23,9 @@ from flowprep.errors import DecodeError, FlowError, OptionError, VideoError
 from flowprep.flow import FlowBackend, check_flow_options
 from flowprep.sources import VideoSpec
 
+# ``--flow none``: RGB-only shards, no flow solver run (docs/format.md).
+NO_FLOW = "none"
+
 
 @dataclass(frozen=True)
 class ExtractConfig:
@@ -32,6 +35,8 @@ class ExtractConfig:
     ``flow_dtype`` ``"uint8"`` (quantized) or ``"float16"``; codecs as in :mod:`flowprep.codec`;
     ``shard_size`` bytes; ``chunk_frames`` frames per stored batch; ``fail_corrupt``: a video with
     a frame FFmpeg flags as corrupt fails (stage ``decode``) instead of being written with a warning.
+    ``flow_backend`` ``NO_FLOW`` (``"none"``) writes RGB only; it takes no ``flow_params``, and the
+    other flow options, unused, are recorded as given.
     Every value is checked here, the flow backend and its parameters included: a bad one raises
     :class:`OptionError` naming the field, before any file is written.
     """
@@ -72,7 +77,17 @@ class ExtractConfig:
             raise OptionError(f"float16 flow needs a zstd or raw codec, not {self.flow_codec}", "flow_codec")
         if self.format not in ("arrow", "hdf5"):
             raise OptionError(f"format must be arrow or hdf5, not {self.format!r}", "format")
-        check_flow_options(self.flow_backend, self.flow_params)
+        if not self.has_flow:
+            if self.flow_params:
+                raise OptionError(f"--flow {NO_FLOW} computes no flow: it takes no flow parameters, not {self.flow_params}",
+                                  "flow_params")
+        else:
+            check_flow_options(self.flow_backend, self.flow_params)
+
+    @property
+    def has_flow(self) -> bool:
+        """Whether the run computes and stores flow (every backend but ``NO_FLOW``)."""
+        return self.flow_backend != NO_FLOW
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -83,8 +98,9 @@ class VideoChunk:
     """Frames ``[start, start + len(rgb))`` of one video.
 
     ``rgb``: encoded ``[H, W, 3] uint8`` frames. ``gray``: ``[n, H, W] uint8`` frames for the flow
-    solver, one more than ``rgb`` unless ``last``; dropped (``None``) once flow is computed.
-    ``flow``: encoded ``[H, W, 2]`` flows, one per RGB frame except the video's last frame.
+    solver, one more than ``rgb`` unless ``last``; dropped (``None``) once flow is computed, and
+    never made for an RGB-only run. ``flow``: encoded ``[H, W, 2]`` flows, one per RGB frame
+    except the video's last frame; ``None`` while pending, ``[]`` for an RGB-only run.
     ``corrupt_frames``: source frames FFmpeg flagged as corrupt in the video so far, up to this
     chunk's end (the last chunk's is the video's count).
     """
@@ -102,7 +118,8 @@ class VideoChunk:
 
 
 def decode_chunks(spec: VideoSpec, config: ExtractConfig, decoder_threads: int = 0) -> Iterator[VideoChunk]:
-    """Decode ``spec`` into chunks of ``config.chunk_frames`` frames with RGB encoded, flow pending.
+    """Decode ``spec`` into chunks of ``config.chunk_frames`` frames with RGB encoded, flow pending
+    (or, for an RGB-only ``config``, none to come: the chunks are ready to write).
 
     ``decoder_threads``: FFmpeg's threads (0: its own choice, one per core). Raises
     :class:`DecodeError` for unreadable videos, for videos of fewer than 2 frames and, with
@@ -130,21 +147,24 @@ def _decode_chunks(spec: VideoSpec, config: ExtractConfig, decoder_threads: int)
             if config.fail_corrupt and video.corrupt_frames:
                 raise DecodeError(f"{video.corrupt_frames} source frame(s) flagged corrupt by FFmpeg before output frame "
                                   f"{start + len(rgb)} (fail_corrupt is set)")
-            return VideoChunk(spec.video_id, start, rgb, np.stack(gray), *shape, video.info, last, corrupt_frames=video.corrupt_frames)
+            gray_frames, flow = (np.stack(gray), None) if config.has_flow else (None, [])
+            return VideoChunk(spec.video_id, start, rgb, gray_frames, *shape, video.info, last, flow,
+                              corrupt_frames=video.corrupt_frames)
 
         for frame in frames:
-            gray.append(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY))
+            if config.has_flow:
+                gray.append(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY))
             if len(rgb) == n:
                 # This frame is the next chunk's first; it closes this chunk's last flow pair.
                 yield chunk(last=False)
                 start += n
-                rgb, gray = [], [gray[-1]]
+                rgb, gray = [], gray[-1:]
             if shape is None:
                 shape = frame.shape[:2]
             elif frame.shape[:2] != shape:
                 raise DecodeError(f"frame size changed mid-stream from {shape} to {frame.shape[:2]}")
             rgb.append(rgb_codec.encode(frame))
-        if start + len(rgb) < 2:
+        if start + len(rgb) < 2:  # RGB-only runs too: they hold the same videos as a run with flow
             raise DecodeError(f"{start + len(rgb)} frame(s) decoded{_segment_note(spec, video.info)}: flow needs at least 2")
         yield chunk(last=True)
 
@@ -177,7 +197,8 @@ def flow_chunk(chunk: VideoChunk, backend: FlowBackend, config: ExtractConfig) -
     return dataclasses.replace(chunk, gray=None, flow=[codec.encode(f) for f in stored])
 
 
-def video_chunks(spec: VideoSpec, config: ExtractConfig, backend: FlowBackend) -> Iterator[VideoChunk]:
-    """All of ``spec``'s chunks, flow included, in one process (the stages composed without Ray)."""
+def video_chunks(spec: VideoSpec, config: ExtractConfig, backend: FlowBackend | None) -> Iterator[VideoChunk]:
+    """All of ``spec``'s chunks, flow included, in one process (the stages composed without Ray).
+    ``backend``: ``None`` for an RGB-only ``config``, whose decoded chunks are complete."""
     for chunk in decode_chunks(spec, config):
-        yield flow_chunk(chunk, backend, config)
+        yield chunk if backend is None else flow_chunk(chunk, backend, config)

@@ -11,6 +11,8 @@
 * The driver keeps a bounded window of videos in flight and consumes them in input order; each
   generator stops after a few unconsumed chunks (Ray's generator backpressure), so memory stays
   bounded by ``window x (lookahead + backpressure) x chunk`` however long the videos are.
+* An RGB-only run (``--flow none``) starts no ``FlowWorker``: the decoders are all the work and
+  yield their chunks as decoded, so none of the flow workers' fault handling is involved.
 
 Plain actors were chosen over Ray Data: ordered, per-video streaming results (needed for
 deterministic shards and exact resume) and per-video failure records are direct here, and one
@@ -33,7 +35,7 @@ import ray
 from flowprep.errors import DecodeError, VideoError
 from flowprep.flow import BACKENDS, get_backend
 from flowprep.flow.batching import PairBatcher
-from flowprep.pipeline import ExtractConfig, VideoChunk, decode_chunks, flow_chunk
+from flowprep.pipeline import NO_FLOW, ExtractConfig, VideoChunk, decode_chunks, flow_chunk
 from flowprep.sources import VideoSpec
 
 log = logging.getLogger(__name__)
@@ -87,7 +89,8 @@ class FlowWorker:
 
 
 class DecodeWorker:
-    """Decodes videos and has their chunks' flow computed by the flow workers, in order.
+    """Decodes videos and has their chunks' flow computed by the flow workers, in order (for an
+    RGB-only ``config``, with no flow workers, yields the decoded chunks as they are).
 
     A flow worker counts as alive once it answered a ping; one lost while it held a chunk (its
     process killed, its node gone) is pinged again and left aside until it answers, and the
@@ -144,10 +147,15 @@ class DecodeWorker:
         return ref, worker
 
     def decode(self, spec: VideoSpec):
+        # One FFmpeg thread a video: decoders reserve no CPU, the flow workers own the cores (and
+        # without flow, the decoders are as many as the cores).
+        chunks = decode_chunks(spec, self.config, decoder_threads=1)
+        if not self.config.has_flow:
+            yield from chunks
+            return
         in_flight = deque()  # (chunk, flow task, worker)
         try:
-            # One FFmpeg thread a video: decoders reserve no CPU, the flow workers own the cores.
-            for chunk in decode_chunks(spec, self.config, decoder_threads=1):
+            for chunk in chunks:
                 in_flight.append((chunk, *self._submit(chunk)))
                 if len(in_flight) >= FLOW_LOOKAHEAD:
                     yield self._result(*in_flight.popleft())
@@ -258,12 +266,13 @@ def ray_video_chunks(
     ``workers`` flow actors (default: ``gpu_share`` per GPU of the cluster for ``torch`` and
     ``opencv-cuda`` when it has GPUs, each with that share of the GPU and of its memory, else one
     per CPU), ``decoders`` decode actors (default: one per 16 CPU flow
-    actors, or per 4 CPUs beside GPU flow actors). Consume each video's chunks before asking for
-    the next. Chunk iterators raise :class:`VideoError` for a failed video. Ray is started and the
-    actors are ready before this returns.
+    actors, or per 4 CPUs beside GPU flow actors). An RGB-only ``config`` has no flow actors:
+    ``workers`` (default one per CPU) is then the default number of decoders. Consume each video's
+    chunks before asking for the next. Chunk iterators raise :class:`VideoError` for a failed
+    video. Ray is started and the actors are ready before this returns.
     """
-    # --workers counts CPUs for the CPU solver only; GPU solvers leave every CPU to the decoders.
-    start_ray(address, workers if config.flow_backend == "opencv" else None)
+    # --workers counts CPUs for the CPU solver and for RGB only; GPU solvers leave every CPU to the decoders.
+    start_ray(address, workers if config.flow_backend in ("opencv", NO_FLOW) else None)
     cpus, gpus = int(ray.cluster_resources().get("CPU", 0)), cluster_gpus()
     on_gpu = config.flow_backend == "opencv-cuda" or (config.flow_backend == "torch" and gpus > 0)
     if on_gpu and not gpus:
@@ -272,6 +281,14 @@ def ray_video_chunks(
     if workers and workers > have:
         raise ValueError(f"--workers {workers} needs {workers} {unit}; the Ray cluster has {have}")
     workers = workers or max(1, have)
+    if not config.has_flow:
+        # Decoding is all the work: a decoder per worker, each with two videos in flight (one
+        # decoding while the other waits for the driver to take its chunks).
+        decoders = decoders or workers
+        window = 2 * decoders
+        decode_workers = start_decoders(config, [], decoders, window)
+        log.info("ray: %d decoders, no flow (RGB only)", decoders)
+        return _in_order(specs, decode_workers, [], window)
     names = [f"flowprep-flow-{uuid.uuid4().hex}" for _ in range(workers)]
     # A batched backend takes many chunks at once (its PairBatcher solves them together); any
     # other holds one solver that must not be called from two threads.
@@ -288,16 +305,22 @@ def ray_video_chunks(
         resources = {"num_cpus": 1, "max_concurrency": 2 * FLOW_LOOKAHEAD if batched else 1}
         window = workers + 2 * decoders  # videos queued: with the lookahead, enough chunks for every worker
     flow_workers = [ray.remote(FlowWorker).options(name=name, max_restarts=-1, **resources).remote(config, **options) for name in names]
-    decode_workers = [
-        ray.remote(DecodeWorker)  # a thread for each queued video and the one being written
-        .options(num_cpus=0, max_restarts=-1, max_concurrency=-(-(window + 1) // decoders), scheduling_strategy="SPREAD")
-        .remote(config, names)
-        for _ in range(decoders)
-    ]
-    ray.get([actor.__ray_ready__.remote() for actor in decode_workers])
+    decode_workers = start_decoders(config, names, decoders, window)
     devices = wait_for_workers(flow_workers, "flow workers")  # a backend that cannot start fails here
     log.info("ray: %d flow workers (%s on %s), %d decoders", workers, config.flow_backend, ", ".join(sorted(set(devices))), decoders)
     return _in_order(specs, decode_workers, flow_workers, window)
+
+
+def start_decoders(config: ExtractConfig, flow_worker_names: list[str], decoders: int, window: int) -> list:
+    """``decoders`` :class:`DecodeWorker` actors, started, for ``window`` videos in flight."""
+    actors = [
+        ray.remote(DecodeWorker)  # a thread for each queued video and the one being written
+        .options(num_cpus=0, max_restarts=-1, max_concurrency=-(-(window + 1) // decoders), scheduling_strategy="SPREAD")
+        .remote(config, flow_worker_names)
+        for _ in range(decoders)
+    ]
+    ray.get([actor.__ray_ready__.remote() for actor in actors])
+    return actors
 
 
 def wait_for_workers(actors, what: str) -> list[str]:

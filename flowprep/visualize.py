@@ -1,7 +1,8 @@
 """Flow in the Middlebury colour coding (Baker et al., 2011), beside its RGB frame.
 
 Hue is the direction of motion, saturation its magnitude relative to a stated scale: white is
-no motion, full colour is motion of ``scale`` pixels or more.
+no motion, full colour is motion of ``scale`` pixels or more. An output extracted with
+``--flow none`` is shown as RGB alone.
 """
 
 from __future__ import annotations
@@ -55,14 +56,19 @@ def _legend(size: int) -> np.ndarray:
     return disk
 
 
-def render(rgb: np.ndarray, flow: np.ndarray, index: int, scale: float) -> np.ndarray:
-    """``[H, 2W, 3] uint8``: the RGB frame, then its flow in colour, marked with the frame index and scale."""
-    color = flow_to_color(flow, scale)
-    legend = _legend(max(16, rgb.shape[0] // 5))
-    color[: legend.shape[0], -legend.shape[1] :] = legend
-    image = np.ascontiguousarray(np.concatenate([rgb, color], axis=1))
+def render(rgb: np.ndarray, flow: np.ndarray | None, index: int, scale: float | None) -> np.ndarray:
+    """``[H, 2W, 3] uint8``: the RGB frame, then its flow in colour, marked with the frame index and
+    scale; ``[H, W, 3]``, the RGB frame alone, when ``flow`` is ``None``."""
+    panels, labels = [rgb], [(f"frame {index}", 4)]
+    if flow is not None:
+        color = flow_to_color(flow, scale)
+        legend = _legend(max(16, rgb.shape[0] // 5))
+        color[: legend.shape[0], -legend.shape[1] :] = legend
+        panels.append(color)
+        labels.append((f"flow {index}->{index + 1}, full colour = {scale:.1f} px", rgb.shape[1] + 4))
+    image = np.ascontiguousarray(np.concatenate(panels, axis=1))
     font, size = cv2.FONT_HERSHEY_SIMPLEX, max(0.35, rgb.shape[0] / 600)
-    for text, x in ((f"frame {index}", 4), (f"flow {index}->{index + 1}, full colour = {scale:.1f} px", rgb.shape[1] + 4)):
+    for text, x in labels:
         cv2.putText(image, text, (x, image.shape[0] - 6), font, size, (0, 0, 0), 3, cv2.LINE_AA)
         cv2.putText(image, text, (x, image.shape[0] - 6), font, size, (255, 255, 255), 1, cv2.LINE_AA)
     return image
@@ -76,15 +82,25 @@ def flow_scale(reader: ShardReader, video_id: str, samples: int = 32) -> float:
 
 
 def show(out: str | Path, video_id: str, dest: str | Path, frame: int | None = None, scale: float | None = None) -> Path:
-    """Write ``dest``: a PNG of one frame (default: the middle one) or an MP4 of every flow.
-    The video's stored bytes are checked against the index checksum first (``verify=True``)."""
+    """Write ``dest``: a PNG of one frame (default: the middle one) or an MP4 of every flow (of
+    every frame, without flow). The video's stored bytes are checked against the index checksum
+    first (``verify=True``)."""
     reader = ShardReader(out, verify=True)
     dest = Path(dest)
-    n = reader.meta(video_id)["num_frames"] - 1
-    scale = scale or flow_scale(reader, video_id)
+    meta = reader.meta(video_id)
+    n = meta["num_frames"] - 1 if reader.has_flow else meta["num_frames"]  # frames shown: those with a flow, or all
+    if reader.has_flow:
+        scale = scale or flow_scale(reader, video_id)
+
+    def images(start: int, stop: int) -> list[np.ndarray]:
+        """Frames ``[start, stop)`` rendered."""
+        rgb = reader.rgb(video_id, start, stop)
+        flow = reader.flow(video_id, start, stop) if reader.has_flow else [None] * len(rgb)
+        return [render(r, f, i, scale) for i, (r, f) in enumerate(zip(rgb, flow), start)]
+
     if dest.suffix.lower() == ".png":
         i = n // 2 if frame is None else frame
-        image = render(reader.rgb(video_id, i, i + 1)[0], reader.flow(video_id, i, i + 1)[0], i, scale)
+        image = images(i, i + 1)[0]
         if not cv2.imwrite(str(dest), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
             raise OSError(f"could not write {dest}")
         return dest
@@ -92,14 +108,12 @@ def show(out: str | Path, video_id: str, dest: str | Path, frame: int | None = N
         raise ValueError(f"{dest}: write a .png or an .mp4")
     with av.open(str(dest), "w") as container:
         stream = container.add_stream("libx264", rate=reader.dataset["params"]["fps"], options={"crf": "18"})
-        meta = reader.meta(video_id)
-        stream.height, stream.width = meta["height"] + meta["height"] % 2, 2 * meta["width"]
+        width = meta["width"] * (2 if reader.has_flow else 1)
+        stream.height, stream.width = meta["height"] + meta["height"] % 2, width + width % 2  # yuv420p: even sides
         stream.pix_fmt = "yuv420p"
         for start in range(0, n, 32):  # a chunk at a time: memory stays bounded for long videos
-            stop = min(start + 32, n)
-            for i, (rgb, flow) in enumerate(zip(reader.rgb(video_id, start, stop), reader.flow(video_id, start, stop)), start):
-                image = render(rgb, flow, i, scale)
-                image = np.pad(image, ((0, stream.height - image.shape[0]), (0, 0), (0, 0)))
+            for image in images(start, min(start + 32, n)):
+                image = np.pad(image, ((0, stream.height - image.shape[0]), (0, stream.width - image.shape[1]), (0, 0)))
                 for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
                     container.mux(packet)
         for packet in stream.encode():

@@ -2,7 +2,7 @@
 
 ::
 
-    <out>/dataset.json                   parameters, versions, label map (SCHEMA_VERSION)
+    <out>/dataset.json                   parameters, versions, label map, has_flow (SCHEMA_VERSION)
     <out>/index.parquet                  one row per written video (INDEX_SCHEMA)
     <out>/failures.jsonl                 one JSON object per failed video
     <out>/shards/shard-00000.arrow|.h5   complete shards
@@ -62,14 +62,22 @@ INDEX_SCHEMA = pa.schema(
         ("segment_start", pa.float64()),  # seconds into the source, when trimmed
         ("segment_end", pa.float64()),
         ("bytes", pa.int64()),  # stored frame bytes
-        ("checksum", pa.string()),  # sha256 over each frame's RGB then flow bytes, in frame order
+        ("checksum", pa.string()),  # sha256 over each frame's RGB then flow bytes (if any), in frame order
     ]
 )
 
-# Arrow shards: one record batch per chunk of one video, row i = frame (start + i).
+# Arrow shards: one record batch per chunk of one video, row i = frame (start + i). An RGB-only
+# run (extract --flow none) writes no flow column.
 ARROW_SHARD_SCHEMA = pa.schema(
     [("video_id", pa.string()), ("frame", pa.int32()), ("rgb", pa.binary()), ("flow", pa.binary())]
 )
+ARROW_RGB_SHARD_SCHEMA = ARROW_SHARD_SCHEMA.remove(ARROW_SHARD_SCHEMA.get_field_index("flow"))
+
+
+def has_flow(description: dict) -> bool:
+    """Whether the output that ``description`` (its dataset.json) describes holds flow: its
+    ``has_flow``, absent from outputs written before RGB-only runs existed, which all hold flow."""
+    return description.get("has_flow", True)
 
 
 def update_checksum(sha, rgb: list, flow: list) -> None:

@@ -8,13 +8,14 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
+import cv2
 import h5py
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flowprep.codec import Codec, dequantize_flow
-from flowprep.shards.layout import DATASET_JSON, INDEX, SCHEMA_VERSION, complete_shards, read_dataset_json, update_checksum
+from flowprep.shards.layout import DATASET_JSON, INDEX, SCHEMA_VERSION, complete_shards, has_flow, read_dataset_json, update_checksum
 
 
 class ShardReader:
@@ -30,6 +31,9 @@ class ShardReader:
     the index checksum the first time any of its frames is read, in this process. That costs one
     read of all of the video's stored bytes and sha256 over them (about 1 GB/s on one core): about
     10 ms for a 10 s clip at the defaults (~10 MB), before the frames asked for, once per video.
+
+    ``has_flow`` is ``False`` for an output extracted with ``--flow none``: its shards hold RGB
+    only, and asking for flow is a ``ValueError``.
 
     >>> reader = ShardReader("out/")
     >>> rgb = reader.rgb(reader.video_ids[0], 0, 16)    # [16, H, W, 3] uint8
@@ -51,6 +55,7 @@ class ShardReader:
         self.chunk_frames: int = params["chunk_frames"]
         self.flow_bound: float = params["flow_bound"]
         self.flow_dtype = np.dtype(params["flow_dtype"])
+        self.has_flow: bool = has_flow(self.dataset)
         self._rgb_codec = Codec.parse(params["rgb_codec"])
         self._flow_codec = Codec.parse(params["flow_codec"])
         self._rows: dict[str, dict] | None = None
@@ -125,6 +130,8 @@ class ShardReader:
     def blobs(self, video_id: str, column: str, indices: Sequence[int]) -> list:
         """The stored bytes of frames ``indices`` of ``column`` (``"rgb"`` or ``"flow"``), as buffers
         (zero-copy views of the memory-mapped file for Arrow)."""
+        if column == "flow":
+            self.require_flow()
         row = self._row(video_id)
         length = row["num_frames"] - (column == "flow")
         bad = [i for i in indices if not 0 <= i < length]
@@ -144,8 +151,14 @@ class ShardReader:
         row = self._row(video_id)
         n = row["num_frames"]
         sha = hashlib.sha256()
-        update_checksum(sha, self._blobs(row, video_id, "rgb", range(n)), self._blobs(row, video_id, "flow", range(n - 1)))
+        flow = self._blobs(row, video_id, "flow", range(n - 1)) if self.has_flow else []
+        update_checksum(sha, self._blobs(row, video_id, "rgb", range(n)), flow)
         return sha.hexdigest()
+
+    def require_flow(self) -> None:
+        """Raise ``ValueError`` unless this output holds flow (``has_flow``)."""
+        if not self.has_flow:
+            raise ValueError(f"{self.out} was extracted with --flow none: it holds no flow")
 
     def _blobs(self, row: dict, video_id: str, column: str, indices: Sequence[int]) -> list:
         shard = self._shard(row["shard"])
@@ -154,28 +167,43 @@ class ShardReader:
             if len(indices) > 1 and list(indices) == list(range(indices[0], indices[-1] + 1)):
                 return list(dataset[indices[0] : indices[-1] + 1])
             return [dataset[i] for i in indices]
-        columns: dict[int, pa.Array] = {}
+        # Slices of each batch's data buffer by its offsets: a pyarrow scalar per frame costs more
+        # than decoding a crop of it.
+        columns: dict[int, tuple[memoryview, list[int]]] = {}
         blobs = []
         for i in indices:
             b = i // self.chunk_frames
             if b not in columns:
-                columns[b] = shard.get_batch(row["shard_offset"] + b).column(column)
-            blobs.append(columns[b][i % self.chunk_frames].as_buffer())
+                array = shard.get_batch(row["shard_offset"] + b).column(column)
+                _, offsets, data = array.buffers()
+                columns[b] = memoryview(data), np.frombuffer(offsets, np.int32)[array.offset :].tolist()
+            data, offsets = columns[b]
+            j = i % self.chunk_frames
+            blobs.append(data[offsets[j] : offsets[j + 1]])
         return blobs
 
     def _decode(self, video_id: str, column: str, indices: Sequence[int], codec: Codec, channels: int, dtype,
-                window: tuple[slice, slice] | None) -> np.ndarray:
+                window: tuple[slice, slice] | None, planar: bool = False) -> np.ndarray:
+        """Frames ``[T, h, w, C]``, or ``[C, T, h, w]`` when ``planar``: each decoded frame is split
+        straight into the planes, so no transpose of the clip follows."""
         row = self._row(video_id)
         shape = (row["height"], row["width"], channels)
         window = window or (slice(None), slice(None))
         blobs = self.blobs(video_id, column, indices)
-        rows, columns = range(shape[0])[window[0]], range(shape[1])[window[1]]
-        out = np.empty((len(blobs), len(rows), len(columns), channels), dtype)
+        size = (len(range(shape[0])[window[0]]), len(range(shape[1])[window[1]]))
+        out = np.empty((channels, len(blobs), *size) if planar else (len(blobs), *size, channels), dtype)
+        split = planar and dtype == np.uint8  # OpenCV's split writes uint8 planes in place
         for i, (index, blob) in enumerate(zip(indices, blobs)):
             try:
-                out[i] = codec.decode(blob, shape, dtype)[window]  # raw frames: a view, only the window is copied
+                frame = codec.decode(blob, shape, dtype, window)
             except (ValueError, OSError) as e:
                 raise ValueError(f"{self.out / row['shard']}: {video_id} {column} frame {index}: {e}") from None
+            if split:
+                cv2.split(frame, [out[c, i] for c in range(channels)])
+            elif planar:
+                out[:, i] = np.moveaxis(frame, -1, 0)
+            else:
+                out[i] = frame
         return out
 
     def _range(self, video_id: str, start: int, stop: int | None, length: int) -> range:
@@ -188,24 +216,28 @@ class ShardReader:
         """RGB frames ``[start, stop)`` as ``[T, H, W, 3] uint8``."""
         return self.rgb_at(video_id, self._range(video_id, start, stop, self._row(video_id)["num_frames"]))
 
-    def rgb_at(self, video_id: str, indices: Sequence[int], window: tuple[slice, slice] | None = None) -> np.ndarray:
-        """RGB frames at ``indices`` (any order, repeats allowed) as ``[T, H, W, 3] uint8``;
-        ``window`` (rows, columns) crops each frame as it is decoded."""
-        return self._decode(video_id, "rgb", indices, self._rgb_codec, 3, np.uint8, window)
+    def rgb_at(self, video_id: str, indices: Sequence[int], window: tuple[slice, slice] | None = None,
+               planar: bool = False) -> np.ndarray:
+        """RGB frames at ``indices`` (any order, repeats allowed) as ``[T, H, W, 3] uint8``, or
+        ``[3, T, H, W]`` when ``planar``; ``window`` (rows, columns) crops each frame as it is
+        decoded (``jpeg-rst`` and ``yuv420`` frames decode only around it)."""
+        return self._decode(video_id, "rgb", indices, self._rgb_codec, 3, np.uint8, window, planar)
 
     def flow(self, video_id: str, start: int = 0, stop: int | None = None, raw: bool = False) -> np.ndarray:
         """Flows ``[start, stop)`` (flow t: frame t to t + 1) as ``[T, H, W, 2] float32`` pixels.
 
         ``raw=True`` returns the stored values instead: uint8 ``q`` (pixels = ``q * 2b / 255 - b``)
-        or float16.
+        or float16. ``ValueError`` for an output without flow (``has_flow``).
         """
+        self.require_flow()  # before the range check, whose length would mean nothing here
         return self.flow_at(video_id, self._range(video_id, start, stop, self._row(video_id)["num_frames"] - 1), raw)
 
     def flow_at(self, video_id: str, indices: Sequence[int], raw: bool = False,
-                window: tuple[slice, slice] | None = None) -> np.ndarray:
-        """Flows at ``indices`` as ``[T, H, W, 2]``: float32 pixels, or the stored values with ``raw``;
-        ``window`` (rows, columns) crops each flow as it is decoded."""
-        stored = self._decode(video_id, "flow", indices, self._flow_codec, 2, self.flow_dtype, window)
+                window: tuple[slice, slice] | None = None, planar: bool = False) -> np.ndarray:
+        """Flows at ``indices`` as ``[T, H, W, 2]`` (``[2, T, H, W]`` when ``planar``): float32
+        pixels, or the stored values with ``raw``; ``window`` (rows, columns) crops each flow as it
+        is decoded. ``ValueError`` for an output without flow (``has_flow``; :meth:`blobs` checks)."""
+        stored = self._decode(video_id, "flow", indices, self._flow_codec, 2, self.flow_dtype, window, planar)
         if raw:
             return stored
         if self.flow_dtype == np.uint8:

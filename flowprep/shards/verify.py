@@ -23,7 +23,7 @@ from flowprep.shards.reader import ShardReader, spread_indices
 def verify(out: str | Path, sample_frames: int = 3) -> list[str]:
     """Problems found in ``out`` (empty when it is whole), each naming the file and the video.
 
-    Decodes ``sample_frames`` RGB frames and flows per video, spread over its length.
+    Decodes ``sample_frames`` RGB frames and flows (if the output has flow) per video, spread over its length.
     """
     return [problem for _, problem in find_problems(Path(out), sample_frames)]
 
@@ -59,7 +59,8 @@ def find_problems(out: Path, sample_frames: int) -> list[tuple[str | None, str]]
                     continue
                 n = meta["num_frames"]
                 reader.rgb_at(video_id, spread_indices(n, sample_frames))
-                reader.flow_at(video_id, spread_indices(n - 1, sample_frames))
+                if reader.has_flow:
+                    reader.flow_at(video_id, spread_indices(n - 1, sample_frames))
             except Exception as e:  # any failure to read is what verify is there to report
                 problems.append((shard, f"{out / shard}: {video_id}: {type(e).__name__}: {e}"))
     reader.close()

@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from flowprep.pipeline import ExtractConfig, VideoChunk
 from flowprep.shards.layout import (
+    ARROW_RGB_SHARD_SCHEMA,
     ARROW_SHARD_SCHEMA,
     PARTIAL,
     SHARDS,
@@ -29,11 +30,13 @@ from flowprep.shards.layout import (
 
 
 class ArrowShardFile:
-    """An Arrow IPC file: one record batch per chunk (``ARROW_SHARD_SCHEMA``)."""
+    """An Arrow IPC file: one record batch per chunk (``ARROW_SHARD_SCHEMA``, or
+    ``ARROW_RGB_SHARD_SCHEMA`` without ``has_flow``)."""
 
-    def __init__(self, path: Path, metadata: dict[str, str]):
+    def __init__(self, path: Path, metadata: dict[str, str], has_flow: bool):
         self._sink = pa.OSFile(str(path), "wb")
-        self._writer = pa.ipc.new_file(self._sink, ARROW_SHARD_SCHEMA.with_metadata(metadata))
+        self._schema = ARROW_SHARD_SCHEMA if has_flow else ARROW_RGB_SHARD_SCHEMA
+        self._writer = pa.ipc.new_file(self._sink, self._schema.with_metadata(metadata))
         self.batches = 0
 
     def begin_video(self, video_id: str) -> int:
@@ -41,12 +44,10 @@ class ArrowShardFile:
 
     def add(self, video_id: str, chunk: VideoChunk) -> None:
         n = len(chunk.rgb)
-        flow = chunk.flow + [None] * (n - len(chunk.flow))
-        batch = pa.record_batch(
-            [pa.array([video_id] * n), pa.array(range(chunk.start, chunk.start + n), pa.int32()), pa.array(chunk.rgb, pa.binary()), pa.array(flow, pa.binary())],
-            schema=ARROW_SHARD_SCHEMA,
-        )
-        self._writer.write_batch(batch)
+        columns = [pa.array([video_id] * n), pa.array(range(chunk.start, chunk.start + n), pa.int32()), pa.array(chunk.rgb, pa.binary())]
+        if "flow" in self._schema.names:
+            columns.append(pa.array(chunk.flow + [None] * (n - len(chunk.flow)), pa.binary()))
+        self._writer.write_batch(pa.record_batch(columns, schema=self._schema))
         self.batches += 1
 
     def abort_video(self, video_id: str) -> None:
@@ -58,8 +59,9 @@ class ArrowShardFile:
 
 
 class HDF5ShardFile:
-    """An HDF5 file: group ``videos/<video_id>`` with datasets ``rgb`` and ``flow``, each a chunked
-    1-D array of encoded frames (variable-length uint8), ``flow`` one shorter than ``rgb``.
+    """An HDF5 file: group ``videos/<video_id>`` with datasets ``rgb`` and ``flow`` (``rgb`` alone
+    without ``has_flow``), each a chunked 1-D array of encoded frames (variable-length uint8),
+    ``flow`` one shorter than ``rgb``.
 
     The file is built in memory and written to ``path`` when closed: libhdf5 cannot stop cleanly
     when a write fails (a full disk crashed the process inside it), while Python's own write
@@ -67,8 +69,9 @@ class HDF5ShardFile:
     the shard's size in memory (``--shard-size`` plus at most one video).
     """
 
-    def __init__(self, path: Path, metadata: dict[str, str], chunk_frames: int):
+    def __init__(self, path: Path, metadata: dict[str, str], chunk_frames: int, has_flow: bool):
         self._path = path
+        self._columns = ("rgb", "flow") if has_flow else ("rgb",)
         self._image = io.BytesIO()
         # Without timestamps and with a fixed format version, equal content gives equal bytes.
         self._file = h5py.File(self._image, "w", libver=("v110", "v110"), track_order=True)
@@ -80,15 +83,17 @@ class HDF5ShardFile:
     def begin_video(self, video_id: str) -> int:
         group = self._videos.create_group(video_id)
         blob = h5py.vlen_dtype(np.uint8)
-        for name in ("rgb", "flow"):
+        for name in self._columns:
             group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=blob, chunks=(self._chunk_frames,), track_times=False)
         self.count += 1
         return self.count - 1
 
     def add(self, video_id: str, chunk: VideoChunk) -> None:
         group = self._videos[video_id]
-        for name, blobs in (("rgb", chunk.rgb), ("flow", chunk.flow)):
-            if not blobs:
+        stored = {"rgb": chunk.rgb, "flow": chunk.flow}
+        for name in self._columns:
+            blobs = stored[name]
+            if not blobs:  # a video's last chunk may be one frame, without a flow
                 continue
             ds = group[name]
             n = ds.shape[0]
@@ -139,9 +144,9 @@ class ShardWriter:
         self._next_shard += 1
         path = self.out / (self._shard + PARTIAL)
         if self.config.format == "arrow":
-            self._file = ArrowShardFile(path, self._metadata)
+            self._file = ArrowShardFile(path, self._metadata, self.config.has_flow)
         else:
-            self._file = HDF5ShardFile(path, self._metadata, self.config.chunk_frames)
+            self._file = HDF5ShardFile(path, self._metadata, self.config.chunk_frames, self.config.has_flow)
         self._rows, self._bytes = [], 0
 
     def begin_video(self, row: dict) -> None:

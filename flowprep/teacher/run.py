@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from flowprep.dataset import clip_indices, flow_lookup_tables
+from flowprep.errors import OptionError
 from flowprep.extract import versions
 from flowprep.lock import LOCK, output_lock
 from flowprep.shards import ShardReader
@@ -371,9 +372,11 @@ def compute_targets(
     reruns to the same files. One run at a time writes a teacher folder (its lock,
     :mod:`flowprep.lock`). Raises :class:`~flowprep.teacher.models.CheckpointMismatch`,
     :class:`TeacherMismatch`, :class:`~flowprep.lock.OutputLocked`, and ``ValueError`` for
-    unusable options.
+    unusable options (:class:`~flowprep.errors.OptionError` naming ``out`` when it holds no flow).
     """
-    reader = ShardReader(out)  # before anything is made: OUT must be an extract output
+    reader = ShardReader(out)  # before anything is made: OUT must be an extract output, with flow
+    if not reader.has_flow:
+        raise OptionError(f"{out} was extracted with --flow none: it holds no flow, and the teacher runs on flow", "out")
     folder = teacher_dir(out, name)
     folder.mkdir(parents=True, exist_ok=True)
     with output_lock(folder):

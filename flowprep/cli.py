@@ -104,7 +104,7 @@ def extract_options(f):
         click.option("--flow-params", default="", help="TV-L1 parameters, e.g. tau=0.25,lambda=0.15,warps=5 (all recorded). torch: variant=cpu (OpenCV CPU's algorithm, the default) or variant=cuda (OpenCV CUDA's, with iterations=300)."),
         click.option("--flow-bound", default=20.0, show_default=True, type=FiniteFloatRange(min=0, min_open=True), help="Clip flow to ±this many pixels."),
         click.option("--flow-dtype", default="uint8", show_default=True, type=click.Choice(["uint8", "float16"]), help="uint8: quantized to the bound; float16: unquantized."),
-        click.option("--rgb-codec", default="jpeg:95", show_default=True, help="RGB frame codec: jpeg:Q, png:L, zstd:L or raw."),
+        click.option("--rgb-codec", default="jpeg:95", show_default=True, help="RGB frame codec: jpeg:Q, jpeg-rst:Q (crops decode only their MCUs), yuv420:lz4, yuv420:zstd:L, yuv420:raw (crops unpack only their tiles), png:L, zstd:L or raw (docs/format.md)."),
         click.option("--flow-codec", default="zstd:3", show_default=True, help="Flow frame codec: zstd:L, png:L, jpeg:Q or raw."),
         click.option("--format", "fmt", default="arrow", show_default=True, type=click.Choice(["arrow", "hdf5"]), help="Shard file format."),
         click.option("--shard-size", default="1GiB", show_default=True, callback=lambda ctx, p, v: parse_size(v), help="Close a shard once it holds this many bytes (videos are never split)."),

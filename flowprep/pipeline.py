@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from flowprep.codec import Codec, quantize_flow
+from flowprep.codec import RGB_ONLY, Codec, quantize_flow
 from flowprep.decode import SourceInfo, VideoDecoder
 from flowprep.errors import DecodeError, FlowError, OptionError, VideoError
 from flowprep.flow import FlowBackend, check_flow_options
@@ -73,6 +73,8 @@ class ExtractConfig:
                 Codec.parse(getattr(self, option))
             except ValueError as e:
                 raise OptionError(f"{option}: {e}", option) from None
+        if Codec.parse(self.flow_codec).name in RGB_ONLY:
+            raise OptionError(f"{self.flow_codec} stores RGB frames only; flow takes zstd:L, png:L, jpeg:Q or raw", "flow_codec")
         if Codec.parse(self.flow_codec).name not in ("zstd", "raw") and self.flow_dtype == "float16":
             raise OptionError(f"float16 flow needs a zstd or raw codec, not {self.flow_codec}", "flow_codec")
         if self.format not in ("arrow", "hdf5"):

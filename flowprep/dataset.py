@@ -98,6 +98,12 @@ class ClipDataset(Dataset):
             whole video, about 10 ms for a 10 s clip). Damage that decodes to another frame shape
             is an error either way.
 
+        decode: ``"gpu"`` leaves RGB to be decoded on the training GPU (JPEG shards only): items
+            carry ``rgb_jpeg`` (T 1-D uint8 tensors, each frame's JPEG cut to the MCUs around
+            the crop) and ``rgb_window`` (where the crop lies in each) instead of ``rgb``; batch
+            them with :func:`flowprep.gpu_decode.collate` and decode with
+            :func:`flowprep.gpu_decode.decode_clips`. Flow is decoded here either way.
+
     Items are dicts: ``rgb`` float32 ``[3, T, crop, crop]``, ``flow`` float32 ``[2, T, crop, crop]``
     in [-1, 1] (``q / 127.5 - 1``, x then y; float16 shards: pixels / bound), ``label`` (int,
     -1 when unlabeled), ``video_id``, ``start`` (first frame index), ``crop`` (``(top, left)``
@@ -122,6 +128,7 @@ class ClipDataset(Dataset):
         teacher: str | None = None,
         teacher_outputs: Sequence[str] = ("logits",),
         verify: bool = False,
+        decode: str = "cpu",
     ):
         if not modalities or set(modalities) - {"rgb", "flow"}:
             raise ValueError(f"modalities must be rgb and/or flow, not {modalities}")
@@ -130,8 +137,15 @@ class ClipDataset(Dataset):
         # OpenCV's thread pool does not survive a fork (DataLoader workers hang in it): the process
         # that makes the dataset decodes with one OpenCV thread, its workers are the parallelism.
         cv2.setNumThreads(1)
+        if decode not in ("cpu", "gpu"):
+            raise ValueError(f"decode must be cpu or gpu, not {decode!r}")
         folders = [shards] if isinstance(shards, (str, Path)) else list(shards)
         self.readers = [ShardReader(f, verify=verify) for f in folders]
+        if decode == "gpu" and "rgb" in modalities:
+            for reader in self.readers:
+                if not reader.dataset["params"]["rgb_codec"].startswith("jpeg"):
+                    raise ValueError(f"decode='gpu' decodes JPEG frames: {reader.out} stores RGB as {reader.dataset['params']['rgb_codec']}")
+        self.decode = decode
         if "flow" in modalities:
             for reader in self.readers:
                 reader.require_flow()  # an RGB-only output (extract --flow none)
@@ -240,7 +254,11 @@ class ClipDataset(Dataset):
             view = (start, y, x, flip) if self.train else targets.centre(video_id)
             stored = targets.get(video_id, *view)
             item.update({f"teacher_{name}": torch.from_numpy(stored[name]) for name in self.teacher_outputs})
-        if "rgb" in self.modalities:
+        if "rgb" in self.modalities and self.decode == "gpu":
+            jpegs = reader.rgb_jpegs(video_id, frames, window)
+            item["rgb_jpeg"] = [torch.frombuffer(bytearray(jpeg), dtype=torch.uint8) for jpeg, _ in jpegs]
+            item["rgb_window"] = [inside for _, inside in jpegs]
+        elif "rgb" in self.modalities:
             rgb = reader.rgb_at(video_id, frames, window, planar=True)  # [3, T, crop, crop] uint8
             item["rgb"] = self._values(rgb, flip, self._rgb_lut)
         if "flow" in self.modalities:

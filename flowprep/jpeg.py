@@ -95,22 +95,19 @@ def _restart_markers(entropy: np.ndarray) -> np.ndarray:
     return ff[(entropy[ff + 1] & 0xF8) == 0xD0]
 
 
-def decode_jpeg(data: bytes | memoryview, window: tuple[slice, slice] | None = None) -> np.ndarray:
-    """A JPEG's RGB pixels ``[h, w, 3] uint8``: the whole frame, or ``window`` (rows, columns) of
-    it. A ``jpeg-rst`` frame decodes only the MCUs around the window; any other JPEG decodes
-    whole and is cropped. Damaged data is a ``ValueError``."""
+def crop_jpeg(data: bytes | memoryview, window: tuple[slice, slice]) -> tuple[bytes | memoryview, tuple[slice, slice]]:
+    """The smallest JPEG that holds ``window`` (rows, columns) of a JPEG frame, and where the
+    window lies in it: for a ``jpeg-rst`` frame the MCUs around the window, cut out as a JPEG of
+    their own; for any other JPEG the frame itself and ``window``. Damaged data is a ``ValueError``."""
     data = memoryview(data).cast("B")  # bytes or a shard's buffer, indexed as unsigned bytes
-    layout = _layout(data) if window is not None else None
+    layout = _layout(data)
     if layout is None:
-        image = simplejpeg.decode_jpeg(data, "RGB")
-        return image if window is None else image[window]
+        return data, window
     rows, cols = range(layout.height)[window[0]], range(layout.width)[window[1]]
-    if not rows or not cols or rows.step != 1 or cols.step != 1:
-        return simplejpeg.decode_jpeg(data, "RGB")[window]
     run_w = layout.interval * layout.mcu_w
     runs_per_row = -(-layout.width // layout.mcu_w) // layout.interval
-    if runs_per_row * layout.interval * layout.mcu_w < layout.width:  # runs cross rows: not ours
-        return simplejpeg.decode_jpeg(data, "RGB")[window]
+    if not rows or not cols or rows.step != 1 or cols.step != 1 or runs_per_row * run_w < layout.width:
+        return data, window  # nothing to cut, or runs that cross rows (not written by flowprep)
     r0 = max(rows.start - _MARGIN, 0) // layout.mcu_h
     r1 = -(-min(rows.stop + _MARGIN, layout.height) // layout.mcu_h)
     c0 = max(cols.start - _MARGIN, 0) // run_w
@@ -118,9 +115,9 @@ def decode_jpeg(data: bytes | memoryview, window: tuple[slice, slice] | None = N
 
     entropy = np.frombuffer(data, np.uint8, layout.end - layout.scan, layout.scan)
     markers = _restart_markers(entropy)
-    if len(markers) != runs_per_row * -(-layout.height // layout.mcu_h) - 1:
-        raise ValueError(f"corrupt jpeg frame: {len(markers)} restart markers where the header asks for "
-                         f"{runs_per_row * -(-layout.height // layout.mcu_h) - 1}")
+    expected = runs_per_row * -(-layout.height // layout.mcu_h) - 1
+    if len(markers) != expected:
+        raise ValueError(f"corrupt jpeg frame: {len(markers)} restart markers where the header asks for {expected}")
     starts = np.concatenate([[0], markers + 2])
     ends = np.concatenate([markers, [len(entropy)]])
     pieces = []
@@ -134,6 +131,16 @@ def decode_jpeg(data: bytes | memoryview, window: tuple[slice, slice] | None = N
     height = min(r1 * layout.mcu_h, layout.height) - r0 * layout.mcu_h
     width = min(c1 * run_w, layout.width) - c0 * run_w
     header[layout.sof + 5 : layout.sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
-    region = simplejpeg.decode_jpeg(bytes(header) + body.tobytes() + b"\xff\xd9", "RGB")
     top, left = rows.start - r0 * layout.mcu_h, cols.start - c0 * run_w
-    return region[top : top + len(rows), left : left + len(cols)]
+    return bytes(header) + body.tobytes() + b"\xff\xd9", (slice(top, top + len(rows)), slice(left, left + len(cols)))
+
+
+def decode_jpeg(data: bytes | memoryview, window: tuple[slice, slice] | None = None) -> np.ndarray:
+    """A JPEG's RGB pixels ``[h, w, 3] uint8``: the whole frame, or ``window`` (rows, columns) of
+    it, decoding only the MCUs around the window of a ``jpeg-rst`` frame (:func:`crop_jpeg`).
+    Damaged data is a ``ValueError``."""
+    data = memoryview(data).cast("B")
+    if window is None:
+        return simplejpeg.decode_jpeg(data, "RGB")
+    jpeg, inside = crop_jpeg(data, window)
+    return simplejpeg.decode_jpeg(jpeg, "RGB")[inside]

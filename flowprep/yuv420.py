@@ -9,7 +9,8 @@ converts that to RGB: the colour conversion costs the crop's pixels, not the fra
 
 Blob layout (little-endian)::
 
-    uint16 tile width, uint16 tile count n, n x uint32 end offset of each packed tile, tiles
+    uint16 height, uint16 width, uint16 tile width, uint16 tile count n,
+    n x uint32 end offset of each packed tile, tiles
 
 OpenCV's I420-to-RGB conversion uses each chroma sample for its 2x2 block, unfiltered, so a crop
 starting on an even pixel comes out exactly as in the converted whole frame; an odd crop is cut
@@ -49,7 +50,7 @@ def encode_yuv420(rgb: np.ndarray, packing: str, level: int = 0) -> bytes:
         tile = b"".join(np.ascontiguousarray(plane[:, x // s : (x + tile_w) // s]).tobytes() for plane, s in ((y, 1), (u, 2), (v, 2)))
         tiles.append(tile if codec is None else codec.compress(tile, asbytes=True))
     ends = np.cumsum([len(t) for t in tiles], dtype="<u4")
-    return np.array([tile_w, len(tiles)], _HEADER).tobytes() + ends.tobytes() + b"".join(tiles)
+    return np.array([h, w, tile_w, len(tiles)], _HEADER).tobytes() + ends.tobytes() + b"".join(tiles)
 
 
 def decode_yuv420(blob: bytes | memoryview, height: int, width: int, packing: str,
@@ -63,11 +64,13 @@ def decode_yuv420(blob: bytes | memoryview, height: int, width: int, packing: st
     if rows.step != 1 or cols.step != 1:
         return decode_yuv420(blob, height, width, packing)[window]
     data = np.frombuffer(blob, np.uint8)
-    tile_w, count = (int(v) for v in np.frombuffer(blob, _HEADER, 2)) if len(data) >= 4 else (0, 0)
-    if tile_w < 2 or tile_w % 2 or count != -(-we // tile_w) or len(data) < 4 + 4 * count:
+    stored_h, stored_w, tile_w, count = (int(v) for v in np.frombuffer(blob, _HEADER, 4)) if len(data) >= 8 else (0,) * 4
+    base = 8 + 4 * count
+    if (stored_h, stored_w) != (height, width) or tile_w < 2 or tile_w % 2 or count != -(-we // tile_w) or len(data) < base:
         raise ValueError(f"corrupt yuv420 frame: its header does not describe a {height}x{width} frame")
-    ends = np.frombuffer(blob, "<u4", count, 4)
-    base = 4 + 4 * count
+    ends = np.frombuffer(blob, "<u4", count, 8)
+    if base + int(ends[-1]) != len(data):
+        raise ValueError(f"corrupt yuv420 frame: {len(data)} bytes, its header accounts for {base + int(ends[-1])}")
     if not rows or not cols:
         return np.empty((len(rows), len(cols), 3), np.uint8)
     y0, x0 = rows.start - rows.start % 2, cols.start - cols.start % 2
@@ -81,8 +84,8 @@ def decode_yuv420(blob: bytes | memoryview, height: int, width: int, packing: st
         start, end = base + (int(ends[k - 1]) if k else 0), base + int(ends[k])
         tw = min(tile_w, we - k * tile_w)
         size = he * tw * 3 // 2
-        if end > len(data) or start > end:
-            raise ValueError(f"corrupt yuv420 frame: tile {k} lies beyond the blob's {len(data)} bytes")
+        if start > end:
+            raise ValueError(f"corrupt yuv420 frame: tile {k} ends before it starts")
         tile = data[start:end]
         if codec is not None:
             try:

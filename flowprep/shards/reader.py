@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flowprep.codec import Codec, dequantize_flow
+from flowprep.jpeg import crop_jpeg
 from flowprep.shards.layout import DATASET_JSON, INDEX, SCHEMA_VERSION, complete_shards, has_flow, read_dataset_json, update_checksum
 
 
@@ -222,6 +223,22 @@ class ShardReader:
         ``[3, T, H, W]`` when ``planar``; ``window`` (rows, columns) crops each frame as it is
         decoded (``jpeg-rst`` and ``yuv420`` frames decode only around it)."""
         return self._decode(video_id, "rgb", indices, self._rgb_codec, 3, np.uint8, window, planar)
+
+    def rgb_jpegs(self, video_id: str, indices: Sequence[int], window: tuple[slice, slice]) -> list[tuple[bytes, tuple[slice, slice]]]:
+        """For decoding elsewhere (nvJPEG on the training GPU): the stored JPEG of each RGB frame at
+        ``indices``, cut to the MCUs around ``window`` for ``jpeg-rst`` frames, each with where the
+        window lies in it (:func:`flowprep.jpeg.crop_jpeg`). ``ValueError`` unless RGB is JPEG."""
+        if not self._rgb_codec.name.startswith("jpeg"):
+            raise ValueError(f"{self.out} stores RGB as {self._rgb_codec}: only JPEG frames can be decoded elsewhere")
+        row = self._row(video_id)
+        cut = []
+        for index, blob in zip(indices, self.blobs(video_id, "rgb", indices)):
+            try:
+                jpeg, inside = crop_jpeg(blob, window)
+            except ValueError as e:
+                raise ValueError(f"{self.out / row['shard']}: {video_id} rgb frame {index}: {e}") from None
+            cut.append((bytes(jpeg), inside))
+        return cut
 
     def flow(self, video_id: str, start: int = 0, stop: int | None = None, raw: bool = False) -> np.ndarray:
         """Flows ``[start, stop)`` (flow t: frame t to t + 1) as ``[T, H, W, 2] float32`` pixels.

@@ -3,12 +3,13 @@
 In one run, 64-frame 224x224 training clips (random start, crop and flip) from the same videos
 (bikes.mp4, bigbuckbunny.mp4, carphone at short side 256):
 
-1. RGB codecs: the same videos extracted with each ``--rgb-codec`` (jpeg:95, the default;
-   jpeg-rst:95, whose crops decode only their MCUs; yuv420:lz4, yuv420:zstd:3 and yuv420:raw,
-   which unpack and convert only the crop's tiles; raw RGB), read by ClipDataset as uint8
-   (``normalize=False``, normalized later on the GPU) and float32, beside stored bytes per frame;
-   baseline (a): the same clips from the exported rawframes folder read with cv2.imread
-   (mmaction2's RawframeDataset path), uint8 and float32 too.
+1. RGB codecs: the same videos extracted RGB-only (``--flow none``) with each ``--rgb-codec``
+   (jpeg:95; jpeg-rst:95, the default, whose crops decode only their MCUs; yuv420:lz4,
+   yuv420:zstd:3 and yuv420:raw, which unpack and convert only the crop's tiles; raw RGB), read
+   by ClipDataset as uint8 (``normalize=False``, normalized later on the GPU) and float32, beside
+   stored RGB bytes per frame; also the CPU's share of ``decode="gpu"`` (cutting each frame's
+   JPEG to the crop's MCUs; nvJPEG's decoding is not in it); baseline (a): the same clips from an exported rawframes folder
+   (JPEG q95 files) read with cv2.imread (mmaction2's RawframeDataset path), uint8 and float32 too.
 2. Formats and flow, at the default codec: Arrow and HDF5 shards, rgb-only and rgb+flow, against
    (a), and (b) rgb decoded from the source mp4 with PyAV on the fly (seek, decode, resize, crop).
 
@@ -139,6 +140,7 @@ def measure(dataset: Dataset, clips: int, workers: int, repeat: int = 3) -> floa
 
 RGB_CODECS = ["jpeg:95", "jpeg-rst:95", "yuv420:lz4", "yuv420:zstd:3", "yuv420:raw", "raw"]
 RAWFRAMES = "(a) rawframes cv2.imread"
+GPU_SIDE = "jpeg-rst decode=gpu (CPU part)"
 
 
 def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
@@ -153,20 +155,24 @@ def codec_rows(work: Path, sources: Path, clips: int) -> list[dict]:
     outs = {}
     for codec in RGB_CODECS:
         outs[codec] = work / f"rgb-{codec.replace(':', '-')}"
-        extract(sources, outs[codec], ExtractConfig(flow_params=CHEAP_TVL1, rgb_codec=codec), workers=0, progress=False)
+        extract(sources, outs[codec], ExtractConfig(flow_backend="none", rgb_codec=codec), workers=0, progress=False)
     reader = ShardReader(outs["jpeg:95"])
     frames = sum(reader.meta(v)["num_frames"] for v in reader.video_ids)
+    pixels = sum(reader.meta(v)["num_frames"] * reader.meta(v)["height"] * reader.meta(v)["width"] for v in reader.video_ids)
     rows = []
     for normalize in (False, True):
         candidates = {codec: ClipDataset(out, ("rgb",), clip_len=T, crop=CROP, normalize=normalize) for codec, out in outs.items()}
+        if not normalize:  # the CPU's share of decode="gpu": cut each frame's JPEG to the crop's MCUs
+            candidates[GPU_SIDE] = ClipDataset(outs["jpeg-rst:95"], ("rgb",), clip_len=T, crop=CROP, decode="gpu")
         candidates[RAWFRAMES] = RawframesClips(reader, False, work / "rawframes" / "rawframes", normalize)
         for workers in (0, 2):
             rates = {name: measure(ds, clips, workers) for name, ds in candidates.items()}
             for name, rate in rates.items():
-                stored = (sum(ShardReader(outs[name]).meta(v)["bytes"] for v in reader.video_ids) if name in outs
+                folder = outs["jpeg-rst:95" if name == GPU_SIDE else name] if name != RAWFRAMES else None
+                stored = (sum(ShardReader(folder).meta(v)["bytes"] for v in reader.video_ids) if folder
                           else sum(f.stat().st_size for f in (work / "rawframes" / "rawframes").rglob("img_*.jpg")))
                 rows.append({"output": "float32" if normalize else "uint8", "workers": workers, "reader": name,
-                             "rgb_KB_per_frame": stored / frames / 1e3, "clips_per_s": rate,
+                             "rgb_KB_per_frame": stored / frames / 1e3, "rgb_bytes_per_pixel": stored / pixels, "clips_per_s": rate,
                              "clips_per_s_per_core": rate / max(workers, 1), "ratio_to_rawframes": rate / rates[RAWFRAMES]})
     return rows
 
@@ -174,7 +180,7 @@ def codec_rows(work: Path, sources: Path, clips: int) -> list[dict]:
 def format_rows(work: Path, sources: dict[str, str], clips: int) -> list[dict]:
     """Part 2: Arrow and HDF5, rgb and rgb+flow, at the default codec, against rawframes and PyAV."""
     extract(work / "src", work / "hdf5", ExtractConfig(flow_params=CHEAP_TVL1, format="hdf5"), workers=0, progress=False)
-    arrow = work / "rgb-jpeg-95"
+    arrow = work / "arrow"
     reader = ShardReader(arrow)
     rows = []
     for with_flow in (False, True):
@@ -205,11 +211,11 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="flowprep-reader-"))
     sources = {path.stem: str(path) for path in make_sample_folder(work / "src")}
-    extract(work / "src", work / "rgb-jpeg-95", ExtractConfig(flow_params=CHEAP_TVL1), workers=0, progress=False)
-    export_rawframes(work / "rgb-jpeg-95", work / "rawframes")
+    extract(work / "src", work / "arrow", ExtractConfig(flow_params=CHEAP_TVL1), workers=0, progress=False)
+    export_rawframes(work / "arrow", work / "rawframes")
     codecs = codec_rows(work, work / "src", args.clips)
     table(codecs, [("output", "output", "7"), ("workers", "workers", "7d"), ("reader", "reader", ""),
-                   ("rgb_KB_per_frame", "KB/frame", "8.1f"), ("clips_per_s", "clips/s", "8.2f"),
+                   ("rgb_KB_per_frame", "KB/frame", "8.1f"), ("rgb_bytes_per_pixel", "B/pixel", "7.3f"), ("clips_per_s", "clips/s", "8.2f"),
                    ("clips_per_s_per_core", "clips/s/core", "12.2f"), ("ratio_to_rawframes", "x rawframes", "11.2f")])
     formats = [] if args.skip_formats else format_rows(work, sources, args.clips)
     if formats:

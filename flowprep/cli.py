@@ -22,6 +22,7 @@ from flowprep.lock import OutputLocked
 from flowprep.pipeline import NO_FLOW, ExtractConfig
 from flowprep.shards import ShardReader
 from flowprep.shards.layout import FAILURES, read_failures
+from flowprep.storage import storage
 from flowprep.teacher.targets import list_teachers
 
 EXIT_FAILURES = 3
@@ -53,6 +54,24 @@ class FiniteFloatRange(click.FloatRange):
         if not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number", param, ctx)
         return number
+
+
+class OutputLocation(click.ParamType):
+    """An output folder: a local path (checked like ``click.Path``) or an ``s3://``/``gs://`` URI."""
+
+    name = "path or URI"
+
+    def __init__(self, exists: bool = False):
+        self._path = click.Path(exists=exists, file_okay=False)
+
+    def convert(self, value, param, ctx):
+        if "://" not in str(value):
+            return self._path.convert(value, param, ctx)
+        try:
+            storage(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+        return value
 
 
 def bad_usage(error: OptionError) -> click.UsageError:
@@ -92,7 +111,7 @@ def main(verbose: int, quiet: bool) -> None:
 def extract_options(f):
     options = [
         click.option("--src", required=True, type=click.Path(exists=True, file_okay=False), help="Kinetics folder: <split>/<label>/<id>.mp4, <label>/<id>.mp4, or flat with --annotations."),
-        click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (created; rerun the same command to resume)."),
+        click.option("--out", required=True, type=OutputLocation(), help="Output folder (created; rerun the same command to resume), or s3://bucket/prefix, gs://bucket/prefix (Arrow shards; docs/cluster.md)."),
         click.option("--annotations", type=click.Path(exists=True, dir_okay=False), help="Kinetics annotation CSV (label,youtube_id,time_start,time_end,split)."),
         click.option("--trim", is_flag=True, help="Cut full-length sources <youtube_id>.<ext> to the CSV's [time_start, time_end]."),
         click.option("--labels", "labels_file", type=click.Path(exists=True, dir_okay=False), help="Class names, one a line, in index order (default: sorted class names found)."),
@@ -104,7 +123,7 @@ def extract_options(f):
         click.option("--flow-params", default="", help="TV-L1 parameters, e.g. tau=0.25,lambda=0.15,warps=5 (all recorded). torch: variant=cpu (OpenCV CPU's algorithm, the default) or variant=cuda (OpenCV CUDA's, with iterations=300)."),
         click.option("--flow-bound", default=20.0, show_default=True, type=FiniteFloatRange(min=0, min_open=True), help="Clip flow to ±this many pixels."),
         click.option("--flow-dtype", default="uint8", show_default=True, type=click.Choice(["uint8", "float16"]), help="uint8: quantized to the bound; float16: unquantized."),
-        click.option("--rgb-codec", default="jpeg:95", show_default=True, help="RGB frame codec: jpeg:Q, jpeg-rst:Q (crops decode only their MCUs), yuv420:lz4, yuv420:zstd:L, yuv420:raw (crops unpack only their tiles), png:L, zstd:L or raw (docs/format.md)."),
+        click.option("--rgb-codec", default="jpeg-rst:95", show_default=True, help="RGB frame codec: jpeg:Q, jpeg-rst:Q (crops decode only their MCUs), yuv420:lz4, yuv420:zstd:L, yuv420:raw (crops unpack only their tiles), png:L, zstd:L or raw (docs/format.md)."),
         click.option("--flow-codec", default="zstd:3", show_default=True, help="Flow frame codec: zstd:L, png:L, jpeg:Q or raw."),
         click.option("--format", "fmt", default="arrow", show_default=True, type=click.Choice(["arrow", "hdf5"]), help="Shard file format."),
         click.option("--shard-size", default="1GiB", show_default=True, callback=lambda ctx, p, v: parse_size(v), help="Close a shard once it holds this many bytes (videos are never split)."),
@@ -165,25 +184,26 @@ def extract_command(src, out, annotations, trim, labels_file, limit, fps, short_
             raise click.ClickException(f"out of space writing to {out} ({one_line(e)}): the output is resumable, "
                                        "make room and rerun the same command") from None
         raise click.ClickException(one_line(e)) from None
-    print_summary(report, Path(out))
+    print_summary(report, out)
     allowed = allowed_failures(allow_failures, report.videos)
     if report.failed > allowed:
         click.echo(f"{report.failed} videos failed, more than --allow-failures {allow_failures} permits ({allowed})", err=True)
         sys.exit(EXIT_FAILURES)
 
 
-def print_summary(report: ExtractReport, out: Path) -> None:
+def print_summary(report: ExtractReport, out: str | Path) -> None:
     click.echo(f"videos:  {report.videos} found, {report.skipped} already done, {report.written} written, {report.failed} failed"
-               + (f" (see {out / FAILURES})" if report.failed else ""))
+               + (f" (see {storage(out) / FAILURES})" if report.failed else ""))
     click.echo(f"frames:  {report.frames} frames, {report.flow_pairs} flow pairs in {report.seconds:.1f} s "
                f"({report.frames_per_second:.2f} frames/s, {report.pairs_per_second:.2f} pairs/s)")
     click.echo(f"written: {human_bytes(report.bytes_written)} to {out}")
 
 
-def describe(out: Path) -> dict:
+def describe(out: str | Path) -> dict:
     reader = ShardReader(out)
+    store = reader.storage
     rows = [reader.meta(v) for v in reader.video_ids]
-    failures = read_failures(out)
+    failures = read_failures(store)
     shards = sorted({r["shard"] for r in rows})
     return {
         "out": str(out),
@@ -194,12 +214,12 @@ def describe(out: Path) -> dict:
         "flow_pairs": sum(r["num_frames"] - 1 for r in rows) if reader.has_flow else 0,
         "bytes": sum(r["bytes"] for r in rows),
         "shards": len(shards),
-        "shard_bytes": sum((out / s).stat().st_size for s in shards),
+        "shard_bytes": sum(store.size(s) for s in shards),
         "classes": len(reader.label_map),
         "videos_per_split": dict(sorted(Counter(r["split"] or NO_SPLIT for r in rows).items())),
         "params": reader.dataset["params"],
         "versions": reader.dataset["versions"],
-        "teachers": {name: describe_teacher(out, name) for name in list_teachers(out)},
+        "teachers": {name: describe_teacher(out, name) for name in list_teachers(store)},
     }
 
 
@@ -215,7 +235,7 @@ def describe_teacher(out: Path, name: str) -> dict:
 
 
 @main.command()
-@click.argument("out", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=OutputLocation(exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def info(out, as_json):
     """Summarise an output folder: videos, frames, shards, bytes, parameters.
@@ -224,7 +244,7 @@ def info(out, as_json):
     came without a split are counted as "(no split)".
     """
     try:
-        summary = describe(Path(out))
+        summary = describe(out)
     except READ_ERRORS as e:
         raise click.ClickException(one_line(e)) from None
     if as_json:
@@ -248,7 +268,7 @@ def info(out, as_json):
 
 
 @main.command("teacher")
-@click.option("--shards", "out", required=True, type=click.Path(exists=True, file_okay=False), help="An output folder of flowprep extract.")
+@click.option("--shards", "out", required=True, type=OutputLocation(exists=True), help="An output folder of flowprep extract (local: the targets are written into it).")
 @click.option("--name", required=True, help="The targets' name: they go to SHARDS/teachers/NAME/.")
 @click.option("--model", required=True, help="i3d (loads pytorch-i3d state dicts), s3dg, or package.module:factory (called with in_channels=2, num_classes=N).")
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), help="State dict (or a dict holding one under state_dict/model); required for i3d and s3dg.")
@@ -297,7 +317,7 @@ def teacher_command(out, name, model, checkpoint, num_classes, clip_len, frame_s
 
 
 @main.command()
-@click.argument("out", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=OutputLocation(exists=True))
 @click.option("--sample-frames", default=3, show_default=True, type=click.IntRange(min=1), help="Frames decoded per video.")
 @click.option("--repair", is_flag=True, help="Drop every damaged shard (and leftovers of an interrupted run) and rebuild the index; then rerun the extract command to extract the dropped videos again.")
 def verify(out, sample_frames, repair):
@@ -334,7 +354,7 @@ def verify(out, sample_frames, repair):
 
 
 @main.command()
-@click.argument("out", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=OutputLocation(exists=True))
 @click.argument("video_id")
 @click.option("--out", "dest", required=True, type=click.Path(dir_okay=False), help="FILE.png (one frame) or FILE.mp4 (every flow).")
 @click.option("--frame", type=click.IntRange(min=0), help="Frame for a PNG (default: the middle one).")
@@ -356,7 +376,7 @@ def show(out, video_id, dest, frame, scale):
 
 
 @main.command()
-@click.argument("out", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=OutputLocation(exists=True))
 @click.argument("dest", type=click.Path(file_okay=False))
 @click.option("--layout", default="rawframes", show_default=True, type=click.Choice(["rawframes"]), help="Target layout.")
 @click.option("--quality", default=95, show_default=True, type=click.IntRange(1, 100), help="JPEG quality.")

@@ -45,14 +45,14 @@ from flowprep.shards.layout import (
     read_dataset_json,
     read_failures,
     rebuild_index,
+    remove_leftovers,
     remove_output,
-    remove_partial_files,
     shard_number,
-    write_atomic,
     write_json,
     write_table,
 )
 from flowprep.sources import VideoSpec, build_label_map, find_videos
+from flowprep.storage import Storage, storage
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,12 @@ class OutputMismatch(Exception):
 class OutputRefused(Exception):
     """The output folder cannot take a run as it is: it holds files flowprep did not write, or
     damaged shards. The message says the way out."""
+
+
+# HDF5 shards are local files: libhdf5 reads through many small seeks (each one a request on
+# object storage) and has no writer for a stream.
+HDF5_NEEDS_LOCAL = ("--format hdf5 needs a local --out: libhdf5 reads and writes seekable local files, and object storage "
+                    "has none; use --format arrow (read by ranged requests)")
 
 
 @dataclass
@@ -135,7 +141,7 @@ def describe_run(config: ExtractConfig, label_map: dict[str, int], src, annotati
     }
 
 
-def prepare_output(out: Path, description: dict, overwrite: bool) -> None:
+def prepare_output(out: Storage, description: dict, overwrite: bool) -> None:
     """Create ``out`` or check that its run was made with the same parameters and labels.
 
     flowprep writes only into a new or empty folder or its own output: a folder holding anything
@@ -144,18 +150,17 @@ def prepare_output(out: Path, description: dict, overwrite: bool) -> None:
     (:class:`OutputRefused`). ``overwrite`` then deletes flowprep's files, and only those.
     Raises :class:`OutputMismatch` for a run with other parameters.
     """
-    path = out / DATASET_JSON
     own, others = output_files(out)
     if others:
-        names = ", ".join(map(str, others[:5])) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        names = ", ".join(str(out / name) for name in others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
         raise OutputRefused(f"{out} holds files that flowprep did not write: {names}. flowprep writes only into a new or "
                             "empty folder or into its own output: choose another --out")
     try:
-        previous = read_dataset_json(out) if path.exists() else None
+        previous = read_dataset_json(out) if out.exists(DATASET_JSON) else None
     except ValueError as e:
         raise OutputRefused(f"{e}; flowprep neither writes into nor deletes such a folder: choose another --out") from None
     if own and previous is None:
-        raise OutputRefused(f"{out} holds {own[0].relative_to(out)} but no {DATASET_JSON}, so flowprep cannot tell "
+        raise OutputRefused(f"{out} holds {own[0]} but no {DATASET_JSON}, so flowprep cannot tell "
                             "that its files are its own: choose another --out")
     if overwrite:
         remove_output(out)
@@ -167,8 +172,8 @@ def prepare_output(out: Path, description: dict, overwrite: bool) -> None:
         for key in ("versions", "flow"):
             if previous.get(key) != description[key]:
                 log.warning("%s was started with other %s: %s", out, key, _difference(previous.get(key), description[key]))
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(path, description)
+    out.makedirs()
+    write_json(out, DATASET_JSON, description)
 
 
 def _difference(old, new) -> str:
@@ -208,8 +213,11 @@ def extract(
     A video that failed while a now complete shard was written is not tried again unless
     ``retry_failed``: so a resumed run writes the same bytes as an uninterrupted one. One run
     at a time writes ``out`` (:mod:`flowprep.lock`; :class:`~flowprep.lock.OutputLocked`).
+    ``out``: a local folder, or ``s3://``/``gs://`` prefix (Arrow shards only; :mod:`flowprep.storage`).
     """
-    out = Path(out)
+    out = storage(out)
+    if not out.local and config.format == "hdf5":
+        raise OptionError(HDF5_NEEDS_LOCAL, "format")
     gpus = None  # this machine's, unless a Ray cluster runs the flow
     if workers != 0 and (ray_address or os.environ.get("RAY_ADDRESS")):
         from flowprep.ray_runner import cluster_gpus, start_ray
@@ -228,10 +236,10 @@ def extract(
         log.info("flow: %s on %s", config.flow_backend, description["flow"]["device"])
     else:
         log.info("flow: none, RGB only")
-    out.mkdir(parents=True, exist_ok=True)
+    out.makedirs()
     with output_lock(out):  # one writer: a second run is refused before it touches a file
         prepare_output(out, description, overwrite)
-        for path in remove_partial_files(out):
+        for path in remove_leftovers(out):
             log.info("removed %s, left by an interrupted run", path)
         damaged = damaged_shards(out)
         if damaged:
@@ -250,61 +258,64 @@ def extract(
         log.info("%d videos found, %d already done (%d of them failed), %d to do, %d missing",
                  len(specs), report.skipped, len(settled), len(todo), len(problems))
 
+        # failures.jsonl is written whole (object storage cannot append): the kept failures at
+        # once, then all of them before each shard is committed, so that a complete shard's
+        # failures are never lost (a kill loses only those of the incomplete shard, which a rerun
+        # redoes), and at the end.
+        def write_failures() -> None:
+            out.write(FAILURES, "".join(json.dumps(entry) + "\n" for entry in report.failures).encode())
+
         def shard_complete(shard: str, rows: list[dict]) -> None:
             index.extend(rows)
-            write_table(out / INDEX, pa.Table.from_pylist(index, schema=INDEX_SCHEMA))
+            write_table(out, INDEX, pa.Table.from_pylist(index, schema=INDEX_SCHEMA))
             log.info("shard complete: %s", shard)
 
         metadata = {"flowprep": json.dumps({k: description[k] for k in ("schema_version", "params", "versions")}, sort_keys=True)}
         writer = ShardWriter(out, config, first_shard=shard_number(shards[-1]) + 1 if shards else 0, metadata=metadata,
-                             on_shard_complete=shard_complete)
+                             before_commit=lambda shard: write_failures(), on_shard_complete=shard_complete)
         bar = tqdm(total=len(todo), unit="video", disable=None if progress is None else not progress, dynamic_ncols=True)
-        # The kept failures replace the file at once: a kill never loses them.
-        write_atomic(out / FAILURES, "".join(json.dumps(entry) + "\n" for entry in settled).encode())
-        with open(out / FAILURES, "a") as failures:
 
-            def fail(spec_id: str, source: str, stage: str, error: str, shard: str | None = None) -> None:
-                entry = {"video_id": spec_id, "source": source, "stage": stage, "error": error, "shard": shard}
-                failures.write(json.dumps(entry) + "\n")
-                failures.flush()
-                report.failures.append(entry)
-                report.failed += 1
-                log.warning("failed %s (%s): %s", spec_id, stage, error)
+        def fail(spec_id: str, source: str, stage: str, error: str, shard: str | None = None) -> None:
+            entry = {"video_id": spec_id, "source": source, "stage": stage, "error": error, "shard": shard}
+            report.failures.append(entry)
+            report.failed += 1
+            log.warning("failed %s (%s): %s", spec_id, stage, error)
 
-            for problem in problems:
-                fail(problem.video_id, problem.source, "source", problem.error)
-            if workers == 0 or not todo:
-                results = local_video_chunks(todo, config)
+        write_failures()
+        for problem in problems:
+            fail(problem.video_id, problem.source, "source", problem.error)
+        if workers == 0 or not todo:
+            results = local_video_chunks(todo, config)
+        else:
+            from flowprep.ray_runner import ray_video_chunks
+
+            results = ray_video_chunks(todo, config, workers, decoders, ray_address, gpu_share)
+        start = time.perf_counter()
+        for spec, chunks in results:
+            writer.begin_video({"video_id": spec.video_id, "label": spec.label, "label_index": label_map.get(spec.label, -1),
+                                "split": spec.split, "fps": config.fps, "source": spec.path,
+                                "segment_start": spec.start, "segment_end": spec.end})
+            try:
+                for chunk in chunks:
+                    writer.add_chunk(chunk)
+            except VideoError as e:
+                fail(spec.video_id, spec.path, e.stage, str(e), shard=writer.abort_video())
             else:
-                from flowprep.ray_runner import ray_video_chunks
-
-                results = ray_video_chunks(todo, config, workers, decoders, ray_address, gpu_share)
-            start = time.perf_counter()
-            for spec, chunks in results:
-                writer.begin_video({"video_id": spec.video_id, "label": spec.label, "label_index": label_map.get(spec.label, -1),
-                                    "split": spec.split, "fps": config.fps, "source": spec.path,
-                                    "segment_start": spec.start, "segment_end": spec.end})
-                try:
-                    for chunk in chunks:
-                        writer.add_chunk(chunk)
-                except VideoError as e:
-                    fail(spec.video_id, spec.path, e.stage, str(e), shard=writer.abort_video())
-                else:
-                    row = writer.end_video()
-                    if row["corrupt_frames"]:
-                        log.warning("%s: %d source frame(s) flagged corrupt by FFmpeg, written as decoded (--fail-corrupt fails such videos)",
-                                    spec.video_id, row["corrupt_frames"])
-                    report.written += 1
-                    report.frames += row["num_frames"]
-                    report.flow_pairs += row["num_frames"] - 1 if config.has_flow else 0
-                    report.bytes_written += row["bytes"]
-                report.seconds = time.perf_counter() - start
-                bar.update(1)
-                bar.set_postfix(frames=report.frames, pairs_s=f"{report.pairs_per_second:.1f}", failed=report.failed)
-            writer.close()
+                row = writer.end_video()
+                if row["corrupt_frames"]:
+                    log.warning("%s: %d source frame(s) flagged corrupt by FFmpeg, written as decoded (--fail-corrupt fails such videos)",
+                                spec.video_id, row["corrupt_frames"])
+                report.written += 1
+                report.frames += row["num_frames"]
+                report.flow_pairs += row["num_frames"] - 1 if config.has_flow else 0
+                report.bytes_written += row["bytes"]
+            report.seconds = time.perf_counter() - start
+            bar.update(1)
+            bar.set_postfix(frames=report.frames, pairs_s=f"{report.pairs_per_second:.1f}", failed=report.failed)
+        writer.close()
+        write_failures()
         bar.close()
         return report
-
 
 
 def allowed_failures(rule: str, videos: int) -> int:

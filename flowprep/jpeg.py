@@ -117,7 +117,7 @@ def crop_jpeg(data: bytes | memoryview, window: tuple[slice, slice]) -> tuple[by
     markers = _restart_markers(entropy)
     expected = runs_per_row * -(-layout.height // layout.mcu_h) - 1
     if len(markers) != expected:
-        raise ValueError(f"corrupt jpeg frame: {len(markers)} restart markers where the header asks for {expected}")
+        raise ValueError(f"{len(markers)} restart markers where the header asks for {expected}")
     starts = np.concatenate([[0], markers + 2])
     ends = np.concatenate([markers, [len(entropy)]])
     pieces = []

@@ -49,7 +49,7 @@ class ExtractConfig:
     flow_params: dict = field(default_factory=dict)
     flow_bound: float = 20.0
     flow_dtype: str = "uint8"
-    rgb_codec: str = "jpeg:95"
+    rgb_codec: str = "jpeg-rst:95"
     flow_codec: str = "zstd:3"
     format: str = "arrow"
     shard_size: int = 1 << 30

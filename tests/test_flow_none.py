@@ -23,7 +23,7 @@ from flowprep import ClipDataset, ShardReader
 from flowprep.cli import main
 from flowprep.errors import OptionError
 from flowprep.pipeline import ExtractConfig, decode_chunks
-from flowprep.shards.layout import complete_shards, index_part_path
+from flowprep.shards.layout import complete_shards, index_part
 from flowprep.sources import VideoSpec
 
 from conftest import textured_image, write_video
@@ -100,7 +100,7 @@ def test_a_rerun_resumes_and_other_flow_options_are_refused(outputs, src, tmp_pa
     shutil.copytree(rgb_only, out)
     # What a run killed while writing its second shard leaves: the first shard only.
     last = complete_shards(out)[-1]
-    index_part_path(out, last).unlink()
+    (out / index_part(last)).unlink()
     (out / last).unlink()
     status, output = flowprep("extract", "--src", src, "--out", out, "--flow", "none", "--format", fmt, *ARGS)
     assert status == 0 and "1 already done, 1 written" in output

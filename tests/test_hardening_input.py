@@ -108,7 +108,7 @@ def test_config_refuses_non_finite_and_non_positive_values():
 
 def test_dataset_json_never_holds_nan(tmp_path):
     with pytest.raises(ValueError):
-        write_json(tmp_path / "dataset.json", {"params": {"flow_bound": math.nan}})
+        write_json(tmp_path, "dataset.json", {"params": {"flow_bound": math.nan}})
     assert not (tmp_path / "dataset.json").exists()
 
 

@@ -1,4 +1,4 @@
-"""The on-disk layout of an output folder: the one place that names its files and fields.
+"""The layout of an output folder: the one place that names its files and fields.
 
 ::
 
@@ -9,16 +9,21 @@
     <out>/shards/shard-00000.parquet     the index rows of that shard, and the shard's size
     <out>/teachers/<name>/...            ``flowprep teacher``'s targets (flowprep/teacher/targets.py)
 
-A shard is written as ``<name>.partial`` and renamed when complete, after its index rows; so a
-shard file without ``.partial`` is always whole and indexed, and anything ``.partial`` is the
-leftover of a killed run, deleted when the next run starts. These names are all flowprep writes
-and all it ever deletes (:func:`output_files`).
+``<out>`` is a local folder or a prefix on object storage (:mod:`flowprep.storage`); every
+function here takes either (a path, URI or :class:`~flowprep.storage.Storage`).
+
+A shard is committed by writing its index part once the shard is complete. In a local folder the
+shard is written as ``<name>.partial`` and renamed after its index part, so a shard file without
+``.partial`` is always whole and indexed. On object storage (no rename) the shard object is
+uploaded under its name and counts only once its index part exists. Anything else a killed run
+left (``.partial`` files, index parts without their shard, shard objects without their index
+part) is deleted when the next run starts. These names are all flowprep writes and all it ever
+deletes (:func:`output_files`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -26,13 +31,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flowprep.lock import LOCK
+from flowprep.storage import PARTIAL, Storage, storage
 
 SCHEMA_VERSION = 2  # 2: index columns source_stream and corrupt_frames
 DATASET_JSON = "dataset.json"
 INDEX = "index.parquet"
 FAILURES = "failures.jsonl"
 SHARDS = "shards"
-PARTIAL = ".partial"
 SHARD_SUFFIX = {"arrow": ".arrow", "hdf5": ".h5"}
 _SHARD_NAME = re.compile(r"shard-(\d{5,})\.(arrow|h5)$")
 _SHARD_FILE = re.compile(r"shard-\d{5,}\.(arrow|h5|parquet)(\.partial)?")  # a shard, its index part, leftovers
@@ -93,51 +98,71 @@ def shard_name(number: int, fmt: str) -> str:
     return f"{SHARDS}/shard-{number:05d}{SHARD_SUFFIX[fmt]}"
 
 
-def index_part_path(out: Path, shard: str) -> Path:
-    return out / (str(Path(shard).with_suffix("")) + ".parquet")
+def shard_number(shard: str) -> int:
+    return int(_SHARD_NAME.search(shard).group(1))
 
 
-def write_index_part(out: Path, shard: str, rows: list[dict], shard_bytes: int) -> None:
+def index_part(shard: str) -> str:
+    """The name of ``shard``'s index part: ``shards/shard-00000.parquet``."""
+    return shard.rsplit(".", 1)[0] + ".parquet"
+
+
+def write_index_part(out: str | Path | Storage, shard: str, rows: list[dict], shard_bytes: int) -> None:
     """Write the index rows of ``shard`` (complete, ``shard_bytes`` long) to its index part."""
     schema = INDEX_SCHEMA.with_metadata({SHARD_BYTES: str(shard_bytes)})
-    write_table(index_part_path(out, shard), pa.Table.from_pylist(rows, schema=schema))
+    write_table(out, index_part(shard), pa.Table.from_pylist(rows, schema=schema))
 
 
-def damaged_shards(out: Path) -> dict[str, str]:
+def complete_shards(out: str | Path | Storage) -> list[str]:
+    """Complete shards (relative names) in shard order: in a local folder every shard file (renamed
+    only once indexed), on object storage every shard object that has its index part."""
+    store = storage(out)
+    files = store.files(SHARDS)
+    names = [n for n in files if _SHARD_NAME.match(n)]
+    if not store.local:
+        names = [n for n in names if index_part(n) in files]
+    return [f"{SHARDS}/{n}" for n in sorted(names, key=shard_number)]
+
+
+def damaged_shards(out: str | Path | Storage) -> dict[str, str]:
     """Complete shards that are not as written, each with what is wrong: its index part missing or
     unreadable, or its size not the one the part recorded (cut short, or written over). Cheap: it
-    reads each part's footer and no shard; a flipped byte needs ``flowprep verify``'s checksums."""
+    reads each part and lists the shards, reading no shard; a flipped byte needs ``flowprep
+    verify``'s checksums."""
+    store = storage(out)
+    sizes = {f"{SHARDS}/{name}": size for name, size in store.files(SHARDS).items()}
     damaged = {}
-    for shard in complete_shards(out):
-        part = index_part_path(out, shard)
+    for shard in complete_shards(store):
+        part = index_part(shard)
         try:
-            recorded = (pq.read_schema(part).metadata or {}).get(SHARD_BYTES)
+            recorded = (pq.read_schema(pa.BufferReader(store.read_bytes(part))).metadata or {}).get(SHARD_BYTES)
         except FileNotFoundError:
-            damaged[shard] = f"its index part {part.name} is missing"
+            damaged[shard] = f"its index part {Path(part).name} is missing"
             continue
         except (OSError, ValueError) as e:
-            damaged[shard] = f"its index part {part.name} is unreadable ({e})"
+            damaged[shard] = f"its index part {Path(part).name} is unreadable ({e})"
             continue
-        size = (out / shard).stat().st_size
         if recorded is None:
-            damaged[shard] = f"its index part {part.name} records no shard size"
-        elif int(recorded) != size:
-            damaged[shard] = f"{size} bytes, but {int(recorded)} when it was written"
+            damaged[shard] = f"its index part {Path(part).name} records no shard size"
+        elif int(recorded) != sizes[shard]:
+            damaged[shard] = f"{sizes[shard]} bytes, but {int(recorded)} when it was written"
     return damaged
 
 
-def drop_shards(out: Path, shards: list[str]) -> None:
+def drop_shards(out: str | Path | Storage, shards: list[str]) -> None:
     """Delete complete shards and their index parts: a rerun of extract redoes their videos."""
+    store = storage(out)
     for shard in shards:
-        (out / shard).unlink(missing_ok=True)  # first: a part left without its shard is a leftover
-        index_part_path(out, shard).unlink(missing_ok=True)
+        store.delete(shard)  # first: a part left without its shard is a leftover
+        store.delete(index_part(shard))
 
 
-def read_dataset_json(out: Path) -> dict:
+def read_dataset_json(out: str | Path | Storage) -> dict:
     """``<out>/dataset.json``; a ValueError naming the file when it is not one that flowprep wrote."""
-    path = out / DATASET_JSON
+    store = storage(out)
+    path = store / DATASET_JSON
     try:
-        description = json.loads(path.read_text())
+        description = json.loads(store.read_bytes(DATASET_JSON))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} is not flowprep's: not valid JSON ({e})") from None
     if not isinstance(description, dict) or not {"schema_version", "params"} <= description.keys():
@@ -145,113 +170,101 @@ def read_dataset_json(out: Path) -> dict:
     return description
 
 
-def output_files(out: Path) -> tuple[list[Path], list[Path]]:
-    """``(flowprep's, others)`` in ``out``: the files flowprep writes, known by their names (the
-    layout above, ``teachers/<name>/`` alike), and every other entry, file, folder or link, not
-    looked into. Only the first may ever be deleted."""
-    own: list[Path] = []
-    others: list[Path] = []
+def output_files(out: str | Path | Storage) -> tuple[list[str], list[str]]:
+    """``(flowprep's, others)`` in ``out``, as names relative to it: the files flowprep writes,
+    known by their names (the layout above, ``teachers/<name>/`` alike), and every other entry,
+    file, folder or link, not looked into. Only the first may ever be deleted."""
+    store = storage(out)
+    own: list[str] = []
+    others: list[str] = []
 
-    def sort(folder: Path, names: set[str], teachers: bool) -> None:
-        for path in sorted(folder.iterdir()):
-            if path.name == LOCK:  # the running writer's: neither deleted nor foreign
+    def sort(folder: str, names: set[str], teachers: bool) -> None:
+        for name, kind in store.entries(folder):
+            path = f"{folder}{name}"
+            if name == LOCK:  # the running writer's: neither deleted nor foreign
                 continue
-            if path.is_symlink():
-                others.append(path)
-            elif path.is_file() and path.name.removesuffix(PARTIAL) in names:
+            if kind == "file" and name.removesuffix(PARTIAL) in names:
                 own.append(path)
-            elif path.is_dir() and path.name == SHARDS:
-                for p in sorted(path.iterdir()):
-                    (own if p.is_file() and not p.is_symlink() and _SHARD_FILE.fullmatch(p.name) else others).append(p)
-            elif path.is_dir() and path.name == TEACHERS and teachers:
-                for p in sorted(path.iterdir()):
-                    if p.is_dir() and not p.is_symlink():
-                        sort(p, {TEACHER_JSON, INDEX, FAILURES}, teachers=False)
+            elif kind == "dir" and name == SHARDS:
+                for n, k in store.entries(path):
+                    (own if k == "file" and _SHARD_FILE.fullmatch(n) else others).append(f"{path}/{n}")
+            elif kind == "dir" and name == TEACHERS and teachers:
+                for n, k in store.entries(path):
+                    if k == "dir":
+                        sort(f"{path}/{n}/", {TEACHER_JSON, INDEX, FAILURES}, teachers=False)
                     else:
-                        others.append(p)
+                        others.append(f"{path}/{n}")
             else:
                 others.append(path)
 
-    if out.is_dir():
-        sort(out, {DATASET_JSON, INDEX, FAILURES}, teachers=True)
+    sort("", {DATASET_JSON, INDEX, FAILURES}, teachers=True)
     return own, others
 
 
-def remove_output(out: Path) -> None:
+def remove_output(out: str | Path | Storage) -> None:
     """Delete flowprep's files from ``out`` (:func:`output_files`), then its folders left empty."""
-    for path in output_files(out)[0]:
-        path.unlink()
-    folders = [*out.glob(f"{TEACHERS}/*/{SHARDS}"), *out.glob(f"{TEACHERS}/*"), out / TEACHERS, out / SHARDS]
-    for folder in folders:
-        if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
-            folder.rmdir()
+    store = storage(out)
+    own = output_files(store)[0]
+    for name in own:
+        store.delete(name)
+    teachers = [f"{TEACHERS}/{name}" for name, kind in store.entries(TEACHERS) if kind == "dir"]
+    for folder in [*(f"{t}/{SHARDS}" for t in teachers), *teachers, TEACHERS, SHARDS]:
+        store.remove_empty_folder(folder)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` so that ``path`` holds either its old content or all of the new."""
-    tmp = path.with_name(path.name + PARTIAL)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def write_json(out: str | Path | Storage, name: str, obj: dict) -> None:
+    """``obj`` as ``<out>/<name>``, standard JSON: a NaN or infinity is an error, never written."""
+    storage(out).write(name, (json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
 
 
-def write_json(path: Path, obj: dict) -> None:
-    """``obj`` as standard JSON: a NaN or infinity is an error, never written."""
-    write_atomic(path, (json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
-
-
-def write_table(path: Path, table: pa.Table) -> None:
+def write_table(out: str | Path | Storage, name: str, table: pa.Table) -> None:
+    """``table`` as the Parquet file ``<out>/<name>``, written whole."""
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
-    write_atomic(path, sink.getvalue().to_pybytes())
+    storage(out).write(name, sink.getvalue().to_pybytes())
 
 
-def complete_shards(out: Path) -> list[str]:
-    """Complete shards (relative paths) in shard order."""
-    shard_dir = out / SHARDS
-    if not shard_dir.is_dir():
-        return []
-    names = [p.name for p in shard_dir.iterdir() if _SHARD_NAME.match(p.name)]
-    return [f"{SHARDS}/{n}" for n in sorted(names, key=lambda n: int(_SHARD_NAME.match(n).group(1)))]
+def leftovers(out: str | Path | Storage) -> list[str]:
+    """What a killed run left in ``out`` (an output or teacher folder), as names: flowprep's
+    ``.partial`` files, index parts without their complete shard and, on object storage, shard
+    objects without their index part (uploaded, never committed). Known by their names: nothing
+    else is ever listed."""
+    store = storage(out)
+    complete = set(complete_shards(store))
+    found = [n for n in store.files() if n.endswith(PARTIAL) and n.removesuffix(PARTIAL) in {DATASET_JSON, INDEX, FAILURES, TEACHER_JSON}]
+    kept = complete | {index_part(s) for s in complete}
+    found += [f"{SHARDS}/{n}" for n in store.files(SHARDS) if _SHARD_FILE.fullmatch(n) and f"{SHARDS}/{n}" not in kept]
+    return sorted(found)
 
 
-def shard_number(shard: str) -> int:
-    return int(_SHARD_NAME.search(shard).group(1))
+def remove_leftovers(out: str | Path | Storage) -> list[Path | str]:
+    """Delete :func:`leftovers`; returns where they were."""
+    store = storage(out)
+    removed = leftovers(store)
+    for name in removed:
+        store.delete(name)
+    return [store / name for name in removed]
 
 
-def remove_partial_files(out: Path) -> list[Path]:
-    """Delete what a killed run left: flowprep's ``.partial`` files and index parts without their
-    shard (known by their names: nothing else is touched). ``out``: an output or teacher folder."""
-    stems = {Path(s).stem for s in complete_shards(out)}
-    removed = [p for p in out.glob(f"*{PARTIAL}")
-               if p.is_file() and p.name.removesuffix(PARTIAL) in {DATASET_JSON, INDEX, FAILURES, TEACHER_JSON}]
-    if (out / SHARDS).is_dir():
-        removed += [p for p in (out / SHARDS).iterdir() if p.is_file() and _SHARD_FILE.fullmatch(p.name)
-                    and (p.name.endswith(PARTIAL) or (p.suffix == ".parquet" and p.stem not in stems))]
-    for p in removed:
-        p.unlink()
-    return removed
-
-
-def read_failures(out: Path) -> list[dict]:
+def read_failures(out: str | Path | Storage) -> list[dict]:
     """The records of ``<out>/failures.jsonl`` (none when it does not exist). A last line without
-    its newline was cut by a kill or a full disk: it is left out, and its video is redone."""
-    path = out / FAILURES
-    lines = path.read_text().split("\n")[:-1] if path.exists() else []
+    its newline was cut by a kill or a full disk (``flowprep teacher`` appends to its file): it is
+    left out, and its video is redone."""
+    store = storage(out)
+    lines = store.read_bytes(FAILURES).decode().split("\n")[:-1] if store.exists(FAILURES) else []
     return [json.loads(line) for line in lines if line.strip()]
 
 
-def read_index(out: Path, schema: pa.Schema = INDEX_SCHEMA) -> pa.Table:
+def read_index(out: str | Path | Storage, schema: pa.Schema = INDEX_SCHEMA) -> pa.Table:
     """The index rows of every complete shard, in shard order (the truth ``index.parquet`` is built from).
     ``schema``: the index's (teacher folders have their own)."""
-    parts = [pq.read_table(index_part_path(out, s), schema=schema) for s in complete_shards(out)]
+    store = storage(out)
+    parts = [pq.read_table(pa.BufferReader(store.read_bytes(index_part(s))), schema=schema) for s in complete_shards(store)]
     return pa.concat_tables(parts) if parts else schema.empty_table()
 
 
-def rebuild_index(out: Path, schema: pa.Schema = INDEX_SCHEMA) -> pa.Table:
-    """Rewrite ``<out>/index.parquet`` from the complete shards' parts, atomically."""
+def rebuild_index(out: str | Path | Storage, schema: pa.Schema = INDEX_SCHEMA) -> pa.Table:
+    """Rewrite ``<out>/index.parquet`` from the complete shards' parts, written whole."""
     table = read_index(out, schema)
-    write_table(out / INDEX, table)
+    write_table(out, INDEX, table)
     return table

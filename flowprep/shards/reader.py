@@ -17,14 +17,17 @@ import pyarrow.parquet as pq
 from flowprep.codec import Codec, dequantize_flow
 from flowprep.jpeg import crop_jpeg
 from flowprep.shards.layout import DATASET_JSON, INDEX, SCHEMA_VERSION, complete_shards, has_flow, read_dataset_json, update_checksum
+from flowprep.storage import Storage, storage
 
 
 class ShardReader:
     """Random access to the videos of an extract output folder.
 
     The index is read on first use and shard files are opened when first needed, once per process
-    (a handle never crosses a fork). Arrow shards are memory-mapped: reading a frame range touches
-    only those frames' bytes.
+    (a handle never crosses a fork). Arrow shards are memory-mapped, or on object storage
+    (``s3://``, ``gs://``) read by ranged requests: opening a shard fetches its footer, reading a
+    frame range fetches only the record batches holding those frames, never the whole shard.
+    ``out`` is the output's path or URI (:mod:`flowprep.storage`); the connection is made per process.
 
     A frame whose stored bytes do not decode to the stored shape is a ``ValueError`` naming the
     shard, the video and the frame. A flipped byte that still decodes (inside JPEG data, say) is
@@ -43,14 +46,14 @@ class ShardReader:
 
     max_open_shards = 64
 
-    def __init__(self, out: str | Path, verify: bool = False):
-        self.out = Path(out)
-        path = self.out / DATASET_JSON
-        if not path.is_file():
+    def __init__(self, out: str | Path | Storage, verify: bool = False):
+        self.storage = storage(out)
+        self.out = self.storage.location  # a Path, or a Uri for object storage
+        if not self.storage.exists(DATASET_JSON):
             raise FileNotFoundError(f"{self.out} is not a flowprep output folder: {DATASET_JSON} is missing")
-        self.dataset: dict = read_dataset_json(self.out)
+        self.dataset: dict = read_dataset_json(self.storage)
         if self.dataset.get("schema_version") != SCHEMA_VERSION:
-            raise ValueError(f"{path}: schema version {self.dataset.get('schema_version')}, this flowprep reads {SCHEMA_VERSION}")
+            raise ValueError(f"{self.out / DATASET_JSON}: schema version {self.dataset.get('schema_version')}, this flowprep reads {SCHEMA_VERSION}")
         params = self.dataset["params"]
         self.format: str = params["format"]
         self.chunk_frames: int = params["chunk_frames"]
@@ -71,11 +74,12 @@ class ShardReader:
     def _index(self) -> dict[str, dict]:
         if self._rows is None:
             path = self.out / INDEX
-            if not path.is_file():
-                if complete_shards(self.out):
+            if not self.storage.exists(INDEX):
+                if complete_shards(self.storage):
                     raise FileNotFoundError(f"{path} is missing: rerun the extract command (same options) to rebuild it from the shards")
                 raise FileNotFoundError(f"{path} is missing: no shard of this output is complete yet")
-            self._rows = {row["video_id"]: row for row in pq.read_table(path).to_pylist()}
+            table = pq.read_table(pa.BufferReader(self.storage.read_bytes(INDEX)))
+            self._rows = {row["video_id"]: row for row in table.to_pylist()}
         return self._rows
 
     @property
@@ -110,11 +114,11 @@ class ShardReader:
             self._files.move_to_end(shard)
             return self._files[shard]
         path = self.out / shard
-        if not path.is_file():
+        if not self.storage.exists(shard):
             raise FileNotFoundError(f"shard {path} is missing: a rerun of the extract command (same options) extracts its videos again")
         damaged = f"`flowprep verify {self.out} --repair` drops it, then a rerun of the extract command extracts its videos again"
         try:
-            handle = pa.ipc.open_file(pa.memory_map(str(path))) if self.format == "arrow" else h5py.File(path, "r")
+            handle = pa.ipc.open_file(self.storage.open_input(shard)) if self.format == "arrow" else h5py.File(path, "r")
         except pa.ArrowInvalid as e:
             raise OSError(f"shard {path} is corrupt or truncated ({e}): {damaged}") from None
         except OSError as e:
@@ -263,7 +267,7 @@ class ShardReader:
 
     def __getstate__(self) -> dict:
         # Open files stay with the process that opened them; a pickled reader (DataLoader with
-        # spawn) opens its own.
+        # spawn) opens its own (and its own connection to object storage: Storage pickles without).
         return {**self.__dict__, "_files": OrderedDict()}
 
     def close(self) -> None:

@@ -9,33 +9,33 @@ from pathlib import Path
 
 from flowprep.shards.layout import (
     INDEX,
-    PARTIAL,
-    SHARDS,
     complete_shards,
     damaged_shards,
     drop_shards,
+    leftovers,
     rebuild_index,
-    remove_partial_files,
+    remove_leftovers,
 )
 from flowprep.shards.reader import ShardReader, spread_indices
+from flowprep.storage import Storage, storage
 
 
-def verify(out: str | Path, sample_frames: int = 3) -> list[str]:
+def verify(out: str | Path | Storage, sample_frames: int = 3) -> list[str]:
     """Problems found in ``out`` (empty when it is whole), each naming the file and the video.
 
     Decodes ``sample_frames`` RGB frames and flows (if the output has flow) per video, spread over its length.
     """
-    return [problem for _, problem in find_problems(Path(out), sample_frames)]
+    return [problem for _, problem in find_problems(storage(out), sample_frames)]
 
 
-def find_problems(out: Path, sample_frames: int) -> list[tuple[str | None, str]]:
+def find_problems(out: Storage, sample_frames: int) -> list[tuple[str | None, str]]:
     """``(shard, problem)`` for each problem of ``out``; ``shard`` is the complete shard to drop to
     repair it, ``None`` for the problems a rerun of extract mends by itself."""
-    leftovers = sorted([*out.glob(f"*{PARTIAL}"), *(out / SHARDS).glob(f"*{PARTIAL}")])
-    problems: list[tuple[str | None, str]] = [(None, f"{p}: left by an interrupted run (rerun extract to finish it)") for p in leftovers]
+    problems: list[tuple[str | None, str]] = [(None, f"{out / name}: left by an interrupted run (rerun extract to finish it)")
+                                              for name in leftovers(out)]
     damaged = damaged_shards(out)
     problems += [(s, f"{out / s}: damaged: {reason}") for s, reason in damaged.items()]
-    if not (out / INDEX).is_file():
+    if not out.exists(INDEX):
         return problems + [(None, f"{out / INDEX} is missing (a rerun of extract or `verify --repair` rebuilds it)")]
     reader = ShardReader(out)
     by_shard: dict[str, list[str]] = defaultdict(list)
@@ -67,7 +67,7 @@ def find_problems(out: Path, sample_frames: int) -> list[tuple[str | None, str]]
     return problems
 
 
-def repair(out: str | Path, sample_frames: int = 3) -> tuple[list[str], list[str]]:
+def repair(out: str | Path | Storage, sample_frames: int = 3) -> tuple[list[str], list[str]]:
     """Make ``out`` whole by dropping what is damaged; returns ``(problems found, shards dropped)``.
 
     Deletes the leftovers of an interrupted run and every complete shard with a problem, with its
@@ -75,9 +75,9 @@ def repair(out: str | Path, sample_frames: int = 3) -> tuple[list[str], list[str
     dropped shards are then missing: a rerun of the extract command (same options) extracts them
     again, into new shards after the last one.
     """
-    out = Path(out)
-    found = [f"{p}: left by an interrupted run, deleted" for p in remove_partial_files(out)]
-    if not (out / INDEX).is_file():
+    out = storage(out)
+    found = [f"{p}: left by an interrupted run, deleted" for p in remove_leftovers(out)]
+    if not out.exists(INDEX):
         found.append(f"{out / INDEX} was missing, rebuilt")
     # The cheap checks first, so that the index can be rebuilt from the intact shards' parts and
     # the full check reads an index that lists exactly them.

@@ -3,13 +3,16 @@
 Videos go in the order they are given and a video never spans two shards, so the same input and
 options give the same shard files byte for byte, and a resumed run continues exactly where the
 killed one's last complete shard ended.
+
+A shard is written by :func:`open_shard` (a shard file on a :class:`~flowprep.storage.Storage`,
+taking chunks) and :func:`commit_shard` (its index part, which makes it part of the output):
+nothing else, so any process that holds a shard's chunks can write it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,20 +24,20 @@ from flowprep.pipeline import ExtractConfig, VideoChunk
 from flowprep.shards.layout import (
     ARROW_RGB_SHARD_SCHEMA,
     ARROW_SHARD_SCHEMA,
-    PARTIAL,
     SHARDS,
     shard_name,
     update_checksum,
     write_index_part,
 )
+from flowprep.storage import Storage, storage
 
 
 class ArrowShardFile:
     """An Arrow IPC file: one record batch per chunk (``ARROW_SHARD_SCHEMA``, or
     ``ARROW_RGB_SHARD_SCHEMA`` without ``has_flow``)."""
 
-    def __init__(self, path: Path, metadata: dict[str, str], has_flow: bool):
-        self._sink = pa.OSFile(str(path), "wb")
+    def __init__(self, sink: pa.NativeFile, metadata: dict[str, str], has_flow: bool):
+        self._sink = sink
         self._schema = ARROW_SHARD_SCHEMA if has_flow else ARROW_RGB_SHARD_SCHEMA
         self._writer = pa.ipc.new_file(self._sink, self._schema.with_metadata(metadata))
         self.batches = 0
@@ -63,14 +66,14 @@ class HDF5ShardFile:
     without ``has_flow``), each a chunked 1-D array of encoded frames (variable-length uint8),
     ``flow`` one shorter than ``rgb``.
 
-    The file is built in memory and written to ``path`` when closed: libhdf5 cannot stop cleanly
+    The file is built in memory and written to ``sink`` when closed: libhdf5 cannot stop cleanly
     when a write fails (a full disk crashed the process inside it), while Python's own write
     raises an ``OSError`` that the run reports in one line, leaving the output resumable. It costs
     the shard's size in memory (``--shard-size`` plus at most one video).
     """
 
-    def __init__(self, path: Path, metadata: dict[str, str], chunk_frames: int, has_flow: bool):
-        self._path = path
+    def __init__(self, sink: pa.NativeFile, metadata: dict[str, str], chunk_frames: int, has_flow: bool):
+        self._sink = sink
         self._columns = ("rgb", "flow") if has_flow else ("rgb",)
         self._image = io.BytesIO()
         # Without timestamps and with a fixed format version, equal content gives equal bytes.
@@ -106,47 +109,63 @@ class HDF5ShardFile:
 
     def close(self) -> None:
         self._file.close()
-        with open(self._path, "wb") as f:
-            f.write(self._image.getbuffer())
+        with self._sink:
+            self._sink.write(self._image.getbuffer())
         self._image = None
+
+
+def open_shard(store: Storage, shard: str, config: ExtractConfig, metadata: dict[str, str]) -> ArrowShardFile | HDF5ShardFile:
+    """A new shard file ``shard`` (a relative name, :func:`~flowprep.shards.layout.shard_name`)
+    in ``config.format``, not part of the output until :func:`commit_shard`."""
+    sink = store.open_output(shard)
+    if config.format == "arrow":
+        return ArrowShardFile(sink, metadata, config.has_flow)
+    return HDF5ShardFile(sink, metadata, config.chunk_frames, config.has_flow)
+
+
+def commit_shard(store: Storage, shard: str, rows: list[dict]) -> None:
+    """Make the closed shard file ``shard`` part of the output, with its videos' index ``rows``:
+    its index part (recording its size) is written after the shard is complete, and then a local
+    shard is renamed from ``.partial``."""
+    write_index_part(store, shard, rows, store.size(store.staged(shard)))
+    store.publish(shard)
 
 
 class ShardWriter:
     """Appends videos to the current shard and closes it once it reaches ``config.shard_size``.
 
     Use per video: :meth:`begin_video`, :meth:`add_chunk` for each chunk in order, then
-    :meth:`end_video` (returns its index row) or :meth:`abort_video`. ``on_shard_complete`` is
-    called with each complete shard's relative path and index rows, after it became visible.
+    :meth:`end_video` (returns its index row) or :meth:`abort_video`. ``before_commit`` is called
+    with each complete shard's relative name just before it is committed (what must be durable
+    before the shard counts), ``on_shard_complete`` with its name and index rows after.
     """
 
     def __init__(
         self,
-        out: str | Path,
+        out: str | Path | Storage,
         config: ExtractConfig,
         first_shard: int = 0,
         metadata: dict[str, str] | None = None,
+        before_commit: Callable[[str], None] | None = None,
         on_shard_complete: Callable[[str, list[dict]], None] | None = None,
     ):
-        self.out = Path(out)
+        self.storage = storage(out)
         self.config = config
         self._metadata = metadata or {}
         self._next_shard = first_shard
+        self._before_commit = before_commit
         self._on_shard_complete = on_shard_complete
         self._file: ArrowShardFile | HDF5ShardFile | None = None
         self._shard: str | None = None
         self._rows: list[dict] = []
         self._bytes = 0
         self._video: dict | None = None
-        (self.out / SHARDS).mkdir(parents=True, exist_ok=True)
+        self.storage.makedirs(SHARDS)
 
     def _open_shard(self) -> None:
         self._shard = shard_name(self._next_shard, self.config.format)
         self._next_shard += 1
-        path = self.out / (self._shard + PARTIAL)
-        if self.config.format == "arrow":
-            self._file = ArrowShardFile(path, self._metadata, self.config.has_flow)
-        else:
-            self._file = HDF5ShardFile(path, self._metadata, self.config.chunk_frames, self.config.has_flow)
+        self._file = open_shard(self.storage, self._shard, self.config, self._metadata)
         self._rows, self._bytes = [], 0
 
     def begin_video(self, row: dict) -> None:
@@ -190,15 +209,13 @@ class ShardWriter:
     def _close_shard(self) -> None:
         self._file.close()
         self._file = None
-        partial = self.out / (self._shard + PARTIAL)
         if not self._rows:  # every video in it failed
-            os.unlink(partial)
+            self.storage.delete(self.storage.staged(self._shard))
             self._next_shard -= 1
             return
-        with open(partial, "rb+") as f:
-            os.fsync(f.fileno())  # the rename below must never expose a shard that is not on disk
-        write_index_part(self.out, self._shard, self._rows, partial.stat().st_size)
-        os.replace(partial, self.out / self._shard)
+        if self._before_commit:
+            self._before_commit(self._shard)
+        commit_shard(self.storage, self._shard, self._rows)
         if self._on_shard_complete:
             self._on_shard_complete(self._shard, self._rows)
 

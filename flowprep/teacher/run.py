@@ -39,11 +39,11 @@ from flowprep.shards.layout import (
     complete_shards,
     read_failures,
     rebuild_index,
-    remove_partial_files,
-    write_atomic,
+    remove_leftovers,
     write_json,
     write_table,
 )
+from flowprep.storage import storage
 from flowprep.teacher.models import OutputTaps, build_model, checkpoint_num_classes, load_state, load_weights
 from flowprep.teacher.targets import (
     TARGET_INDEX_SCHEMA,
@@ -338,7 +338,7 @@ def prepare_teacher(folder: Path, description: dict, overwrite: bool) -> None:
                 raise TeacherMismatch(f"{folder} holds targets with other {key} ({', '.join(changed)}). "
                                       "Use another --name, the same options, or --overwrite to start over.")
     folder.mkdir(parents=True, exist_ok=True)
-    write_json(path, description)
+    write_json(folder, TEACHER_JSON, description)
 
 
 def _views_of(reader: ShardReader, video_id: str, grid: ViewGrid) -> int:
@@ -397,7 +397,7 @@ def _compute_targets(reader: ShardReader, name: str, config: TeacherConfig, over
     folder = teacher_dir(out, name)
     description = describe_teacher(out, name, config, num_classes, dims, device)
     prepare_teacher(folder, description, overwrite)
-    for path in remove_partial_files(folder):
+    for path in remove_leftovers(folder):
         log.info("removed %s, left by an interrupted run", path)
     index = rebuild_index(folder, TARGET_INDEX_SCHEMA).to_pylist()
     done = set(complete_shards(folder))
@@ -421,7 +421,7 @@ def _compute_targets(reader: ShardReader, name: str, config: TeacherConfig, over
     schema = target_schema(dims, metadata)
     bar = tqdm(total=total_views, unit="view", disable=None if progress is None else not progress, dynamic_ncols=True)
     # The kept failures replace the file at once: a kill never loses them.
-    write_atomic(folder / FAILURES, "".join(json.dumps(f) + "\n" for f in settled).encode())
+    storage(folder).write(FAILURES, "".join(json.dumps(f) + "\n" for f in settled).encode())
     start = time.perf_counter()
     buffer = TargetShardBuffer()
     with open(folder / FAILURES, "a") as failures:
@@ -441,7 +441,7 @@ def _compute_targets(reader: ShardReader, name: str, config: TeacherConfig, over
                 report.failed += len(lost)
                 rows = buffer.write(folder, item.shard, schema, dims, reader)
                 index += rows
-                write_table(folder / INDEX, pa.Table.from_pylist(index, schema=TARGET_INDEX_SCHEMA))
+                write_table(folder, INDEX, pa.Table.from_pylist(index, schema=TARGET_INDEX_SCHEMA))
                 report.written += len(rows)
                 buffer = TargetShardBuffer()
                 log.info("target shard complete: %s", item.shard)

@@ -25,7 +25,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flowprep.shards.layout import DATASET_JSON, INDEX, TEACHER_JSON, TEACHERS, index_part_path, write_atomic, write_table
+from flowprep.shards.layout import DATASET_JSON, INDEX, TEACHER_JSON, TEACHERS, index_part, write_table
+from flowprep.storage import storage
 from flowprep.teacher.views import View, ViewGrid
 
 TEACHER_SCHEMA_VERSION = 1
@@ -45,6 +46,9 @@ VIEW_FIELDS = [("video_id", pa.string()), ("start", pa.int32()), ("top", pa.int3
 
 
 def teacher_dir(out: str | Path, name: str) -> Path:
+    """``out/teachers/name``; a ValueError for an output on object storage (targets are local)."""
+    if not storage(out).local:
+        raise ValueError(f"teacher targets need a local --shards folder: {out} is on object storage")
     if not name or "/" in name or name.startswith("."):
         raise ValueError(f"teacher name {name!r} must be a plain folder name")
     return Path(out) / TEACHERS / name
@@ -52,8 +56,8 @@ def teacher_dir(out: str | Path, name: str) -> Path:
 
 def list_teachers(out: str | Path) -> list[str]:
     """Names of the teachers of an output folder that have a teacher.json."""
-    folder = Path(out) / TEACHERS
-    return sorted(p.parent.name for p in folder.glob(f"*/{TEACHER_JSON}")) if folder.is_dir() else []
+    store = storage(out)
+    return [name for name, kind in store.entries(TEACHERS) if kind == "dir" and store.exists(f"{TEACHERS}/{name}/{TEACHER_JSON}")]
 
 
 def target_schema(outputs: dict[str, int], metadata: dict[str, str] | None = None) -> pa.Schema:
@@ -84,8 +88,8 @@ def write_target_shard(folder: Path, shard: str, views: list[tuple[str, View]], 
     with pa.ipc.new_file(sink, schema) as writer:
         writer.write_batch(pa.record_batch(columns, schema=schema))
     (folder / shard).parent.mkdir(parents=True, exist_ok=True)
-    write_table(index_part_path(folder, shard), pa.Table.from_pylist(index_rows, schema=TARGET_INDEX_SCHEMA))
-    write_atomic(folder / shard, sink.getvalue().to_pybytes())
+    write_table(folder, index_part(shard), pa.Table.from_pylist(index_rows, schema=TARGET_INDEX_SCHEMA))
+    storage(folder).write(shard, sink.getvalue().to_pybytes())
 
 
 class TeacherTargets:

@@ -11,6 +11,13 @@ In one run, on the same frames (real clips decoded at ``--short-side``):
 
 Run:  python benchmarks/extract.py [--short-side 256] [--frames 24] [--copies 2] [--repeat 3]
 Writes benchmarks/results/extract.json. Ratio = pipeline pairs/s / baseline pairs/s (goal >= 0.9).
+
+With ``--flow none``, the pipeline's own ceiling instead (decode, JPEG, write; no solver), on a
+local two-node Ray cluster (``ray start`` on 127.0.0.2 and .3, one CPU each): frames/s per core
+and this process's (the driver's) CPU time, with every shard written by the driver
+(``--writers driver``, the old single writer) against shards written by tasks on the nodes
+(``--writers workers``), and one process without Ray (``--workers 0``) as the baseline.
+Writes benchmarks/results/extract_none.json.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import argparse
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +39,12 @@ from flowprep.export import export_rawframes
 from flowprep.extract import extract
 from flowprep.pipeline import ExtractConfig, VideoChunk
 from flowprep.samples import make_sample_folder
-from flowprep.shards import ShardWriter
+from flowprep.cli import parse_size
+from flowprep.shards import commit_shard, write_shard
+from flowprep.shards.layout import complete_shards
+from flowprep.shards.plan import ShardPlan
+from flowprep.sources import VideoSpec
+from flowprep.storage import storage
 from baseline import opencv_flow, opencv_pool
 from results import write_results
 
@@ -52,26 +65,70 @@ def denseflow_folder_bytes(out: Path, dest: Path) -> tuple[int, int, int]:
 
 
 def rewrite_as_hdf5(reader: ShardReader, out: Path, config: ExtractConfig) -> int:
-    """Write the stored blobs of an Arrow output again as HDF5 shards; returns shard bytes."""
+    """Write the stored blobs of an Arrow output again as one HDF5 shard; returns its bytes."""
     hdf5 = ExtractConfig(**{**config.to_dict(), "format": "hdf5"})
-    writer = ShardWriter(out, hdf5)
-    for video_id in reader.video_ids:
-        meta = reader.meta(video_id)
-        writer.begin_video({k: meta[k] for k in ("video_id", "label", "label_index", "split", "fps", "source", "segment_start", "segment_end")})
-        n = meta["num_frames"]
-        rgb = [bytes(b) for b in reader.blobs(video_id, "rgb", range(n))]
-        flow = [bytes(b) for b in reader.blobs(video_id, "flow", range(n - 1))]
-        for start in range(0, n, config.chunk_frames):
-            stop = min(start + config.chunk_frames, n)
-            writer.add_chunk(_chunk(meta, start, rgb[start:stop], flow[start:stop], last=stop == n))
-        writer.end_video()
-    writer.close()
+    specs = [VideoSpec(v, reader.meta(v)["source"], reader.meta(v)["label"], reader.meta(v)["split"]) for v in reader.video_ids]
+    (out / "shards").mkdir(parents=True)
+    result = write_shard(out, ShardPlan(0, tuple(specs), 0), hdf5, reader.label_map, {},
+                         ((spec, _chunks(reader, spec.video_id, config.chunk_frames)) for spec in specs))
+    commit_shard(storage(out), result.shard, result.rows)
     return sum(p.stat().st_size for p in (out / "shards").glob("*.h5"))
 
 
-def _chunk(meta: dict, start: int, rgb: list, flow: list, last: bool) -> VideoChunk:
+def _chunks(reader: ShardReader, video_id: str, size: int):
+    meta = reader.meta(video_id)
+    n = meta["num_frames"]
+    rgb = [bytes(b) for b in reader.blobs(video_id, "rgb", range(n))]
+    flow = [bytes(b) for b in reader.blobs(video_id, "flow", range(n - 1))]
     source = SourceInfo(meta["source_codec"], meta["source_fps"], meta["source_duration"], meta["width"], meta["height"])
-    return VideoChunk(meta["video_id"], start, rgb, None, meta["height"], meta["width"], source, last, flow)
+    for start in range(0, n, size):
+        stop = min(start + size, n)
+        yield VideoChunk(video_id, start, rgb[start:stop], None, meta["height"], meta["width"], source, stop == n, flow[start:stop])
+
+
+def writers_run(src: Path, work: Path, args) -> None:
+    """``--flow none``: the pipeline alone, single writer against writers on the nodes."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import RayCluster  # the two-node cluster the cluster tests run on
+
+    import ray
+
+    config = ExtractConfig(flow_backend="none", short_side=args.short_side, max_frames=args.frames, shard_size=parse_size(args.shard_size))
+    cluster = RayCluster(work)
+    rows = []
+    try:
+        cluster.start_node()
+        os.environ.update(RAY_AUTH_MODE="token")  # the cluster runs with token authentication (Ray >= 2.60)
+        for mode, workers, writers, address, cores in (("one process, no Ray", 0, "driver", None, 1),
+                                                       ("Ray, driver writes every shard", 2, "driver", cluster.address, 2),
+                                                       ("Ray, tasks on the nodes write", 2, "workers", cluster.address, 2)):
+            walls, cpus = [], []
+            for r in range(args.repeat):
+                out = work / f"{writers}-{workers}-{r}"
+                t0, c0 = time.perf_counter(), time.process_time()
+                report = extract(src, out, config, workers=workers, writers=writers, ray_address=address, progress=False)
+                walls.append(time.perf_counter() - t0)
+                cpus.append(time.process_time() - c0)
+                assert report.written == report.videos
+                reference = work / "driver-0-0"  # every run writes the bytes of the first
+                assert complete_shards(out) == complete_shards(reference)
+                assert all((out / s).read_bytes() == (reference / s).read_bytes() for s in complete_shards(out))
+            frames, wall, cpu = report.frames, statistics.median(walls), statistics.median(cpus)
+            rows.append({"mode": mode, "writers": writers, "cores": cores, "frames": frames, "shards": len(complete_shards(out)),
+                         "wall_s": walls, "driver_cpu_s": cpus, "frames_per_s": frames / wall, "frames_per_s_per_core": frames / wall / cores,
+                         "driver_cores": cpu / wall, "driver_cpu_us_per_frame": cpu / frames * 1e6,
+                         "stored_bytes_per_frame": report.bytes_written / frames})
+    finally:
+        ray.shutdown()
+        cluster.stop()
+    base = rows[0]["frames_per_s_per_core"]
+    print(f"\n{'':32} {'frames/s':>9} {'/core':>7} {'x 1 proc':>8} {'driver cores':>12} {'driver us/frame':>15}")
+    for r in rows:
+        print(f"{r['mode']:32} {r['frames_per_s']:9.1f} {r['frames_per_s_per_core']:7.1f} {r['frames_per_s_per_core'] / base:8.2f} "
+              f"{r['driver_cores']:12.2f} {r['driver_cpu_us_per_frame']:15.0f}")
+    print(f"stored bytes per frame (RGB only): {rows[0]['stored_bytes_per_frame']:.0f}")
+    write_results(args.json.replace("extract.json", "extract_none.json"), {"short_side": args.short_side, "frames_per_clip": args.frames,
+                                                                          "videos": report.videos, "shard_size": args.shard_size, "rows": rows})
 
 
 def main() -> None:
@@ -81,12 +138,18 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=2, help="copies of each clip (more videos: the run's tail weighs less)")
     parser.add_argument("--repeat", type=int, default=1, help="measurements of each side; medians are reported")
     parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--flow", default="opencv", choices=["opencv", "none"], help="none: the pipeline without the solver (see above)")
+    parser.add_argument("--shard-size", default="4MiB", help="with --flow none: several shards, for the writers to share")
     parser.add_argument("--json", default="benchmarks/results/extract.json")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="flowprep-bench-"))
     src = work / "src"
     targets = make_sample_folder(src, args.copies)
+    if args.flow == "none":
+        writers_run(src, work, args)
+        shutil.rmtree(work)
+        return
     pairs = []
     for path in targets:
         with VideoDecoder(str(path)) as video:

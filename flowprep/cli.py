@@ -131,6 +131,7 @@ def extract_options(f):
         click.option("--fail-corrupt", is_flag=True, help="Fail a video (stage decode) when FFmpeg flags one of its frames as corrupt; by default it is written, with a warning and the count in the index."),
         click.option("--workers", type=click.IntRange(min=0), help="Flow workers (default: every CPU of the Ray cluster, or --gpu-share per GPU for a GPU backend; 0: no Ray, this process only). With --flow none: CPUs, one decoder each by default."),
         click.option("--decoders", type=click.IntRange(min=1), help="Decode workers (default: one per 16 CPU flow workers, or per 4 CPUs beside GPU flow workers; with --flow none, --workers)."),
+        click.option("--writers", default="auto", show_default=True, type=click.Choice(["auto", "workers", "driver"]), help="Where Ray runs write shards: workers (each shard by a task on a cluster node, straight to --out: no byte through this process; a local --out must then be the same shared folder on every node), driver (this process writes every shard), or auto: workers for s3:// or gs:// and on a one-node cluster, else driver."),
         click.option("--gpu-share", default=1, show_default=True, type=click.IntRange(min=1), help="GPU flow workers per GPU; each gets that share of the GPU and of its memory."),
         click.option("--ray-address", envvar="RAY_ADDRESS", help="Ray cluster to use, e.g. auto (default: $RAY_ADDRESS, else a local Ray)."),
         click.option("--overwrite", is_flag=True, help="Delete flowprep's output in --out (dataset.json, index.parquet, failures.jsonl, shards/, teachers/) and start over. A folder holding any other file is refused, with or without it."),
@@ -147,7 +148,7 @@ def extract_options(f):
 @extract_options
 def extract_command(src, out, annotations, trim, labels_file, limit, fps, short_side, max_frames, flow_backend, flow_params,
                     flow_bound, flow_dtype, rgb_codec, flow_codec, fmt, shard_size, chunk_frames, fail_corrupt, workers, decoders,
-                    gpu_share, ray_address, overwrite, retry_failed, allow_failures, progress):
+                    writers, gpu_share, ray_address, overwrite, retry_failed, allow_failures, progress):
     """Decode, compute TV-L1 flow and write RGB + flow shards for every video under --src
     (RGB-only shards with --flow none).
 
@@ -174,7 +175,7 @@ def extract_command(src, out, annotations, trim, labels_file, limit, fps, short_
         raise click.UsageError(str(e)) from None
     try:
         report = extract(src, out, config, annotations=annotations, labels_file=labels_file, limit=limit, overwrite=overwrite,
-                         retry_failed=retry_failed, workers=workers, decoders=decoders, ray_address=ray_address, gpu_share=gpu_share, progress=progress)
+                         retry_failed=retry_failed, workers=workers, decoders=decoders, writers=writers, ray_address=ray_address, gpu_share=gpu_share, progress=progress)
     except OptionError as e:  # the source or the flow parameters, found wrong before anything is written
         raise bad_usage(e) from None
     except (OutputMismatch, OutputRefused, OutputLocked, ValueError, FileNotFoundError) as e:

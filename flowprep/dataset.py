@@ -99,8 +99,9 @@ class ClipDataset(Dataset):
             is an error either way.
 
         decode: ``"gpu"`` leaves RGB to be decoded on the training GPU (JPEG shards only): items
-            carry ``rgb_jpeg`` (T 1-D uint8 tensors, each frame's JPEG cut to the MCUs around
-            the crop) and ``rgb_window`` (where the crop lies in each) instead of ``rgb``; batch
+            carry ``rgb_jpeg`` (1-D uint8: the T frames' JPEGs, each cut to the MCUs around the
+            crop, back to back), ``rgb_jpeg_ends`` (``[T]`` int64: where each ends) and
+            ``rgb_window`` (where the crop lies in each) instead of ``rgb``; batch
             them with :func:`flowprep.gpu_decode.collate` and decode with
             :func:`flowprep.gpu_decode.decode_clips`. Flow is decoded here either way.
 
@@ -256,7 +257,10 @@ class ClipDataset(Dataset):
             item.update({f"teacher_{name}": torch.from_numpy(stored[name]) for name in self.teacher_outputs})
         if "rgb" in self.modalities and self.decode == "gpu":
             jpegs = reader.rgb_jpegs(video_id, frames, window)
-            item["rgb_jpeg"] = [torch.frombuffer(bytearray(jpeg), dtype=torch.uint8) for jpeg, _ in jpegs]
+            # One tensor for the clip's JPEGs: a DataLoader worker sends each tensor through its own
+            # shared memory segment, and 64 small ones cost more than cutting them.
+            item["rgb_jpeg"] = torch.frombuffer(bytearray(b"".join(jpeg for jpeg, _ in jpegs)), dtype=torch.uint8)
+            item["rgb_jpeg_ends"] = torch.tensor(np.cumsum([len(jpeg) for jpeg, _ in jpegs]))
             item["rgb_window"] = [inside for _, inside in jpegs]
         elif "rgb" in self.modalities:
             rgb = reader.rgb_at(video_id, frames, window, planar=True)  # [3, T, crop, crop] uint8

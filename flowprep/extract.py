@@ -15,6 +15,7 @@ import os
 import platform
 import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,22 +24,27 @@ import cv2
 import h5py
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
 import flowprep
-from flowprep.errors import OptionError, VideoError
+from flowprep.errors import OptionError
 from flowprep.lock import output_lock
 from flowprep.flow import BACKENDS, flow_device, get_backend, resolve_backend_name
 from flowprep.flow.opencv import NO_OPENCV_CUDA, opencv_cuda_devices
 from flowprep.pipeline import ExtractConfig, VideoChunk, video_chunks
-from flowprep.shards import ShardWriter
+from flowprep.shards.plan import PLAN_SCHEMA, ShardPlan, estimate_bytes, plan_table, replan
+from flowprep.shards.writer import ShardResult, commit_shard, write_shard
 from flowprep.shards.layout import (
     DATASET_JSON,
     FAILURES,
     INDEX,
     SCHEMA_VERSION,
     INDEX_SCHEMA,
+    PLAN,
+    SHARDS,
     complete_shards,
     damaged_shards,
     output_files,
@@ -47,7 +53,7 @@ from flowprep.shards.layout import (
     rebuild_index,
     remove_leftovers,
     remove_output,
-    shard_number,
+    shard_name,
     write_json,
     write_table,
 )
@@ -55,6 +61,9 @@ from flowprep.sources import VideoSpec, build_label_map, find_videos
 from flowprep.storage import Storage, storage
 
 log = logging.getLogger(__name__)
+
+WRITERS = ("auto", "workers", "driver")
+PROBE_THREADS = 16  # containers opened at once to plan shards (header reads: I/O bound)
 
 
 class OutputMismatch(Exception):
@@ -190,6 +199,32 @@ def local_video_chunks(specs: Iterable[VideoSpec], config: ExtractConfig) -> Ite
         yield spec, video_chunks(spec, config, backend)
 
 
+def read_plan(out: Storage) -> pa.Table:
+    """The stored shard plan of ``out`` (``PLAN_SCHEMA``; empty before the first run)."""
+    return pq.read_table(pa.BufferReader(out.read_bytes(PLAN)), schema=PLAN_SCHEMA) if out.exists(PLAN) else PLAN_SCHEMA.empty_table()
+
+
+def plan_output(out: Storage, specs: list[VideoSpec], config: ExtractConfig, redo: set[str]) -> list[ShardPlan]:
+    """The shards of ``out``: as its stored plan has them, for the videos of ``specs``, then the
+    videos the plan does not hold and those of ``redo`` (in complete shards, but neither written
+    nor settled), planned after it from their headers (:mod:`flowprep.shards.plan`). The plan is
+    stored before any shard is written, so a resumed run writes the same shards."""
+    stored = read_plan(out)
+    if redo:
+        stored = stored.filter(pc.invert(pc.is_in(stored["video_id"], pa.array(sorted(redo)))))
+    held = set(stored["video_id"].to_pylist())
+    new = [spec for spec in specs if spec.video_id not in held]
+    with ThreadPoolExecutor(PROBE_THREADS) as pool:  # FFmpeg opens files without the GIL
+        estimates = dict(zip((spec.video_id for spec in new), pool.map(lambda spec: estimate_bytes(spec, config), new)))
+    plans = replan(stored, specs, estimates, config.shard_size)
+    if new or redo or not out.exists(PLAN):
+        last = max(stored["shard"].to_pylist(), default=-1)
+        added = [plan for plan in plans if plan.number > last]
+        write_table(out, PLAN, pa.concat_tables([stored, plan_table(added, estimates)]))
+        log.info("planned %d videos into %d new shards", len(new), len(added))
+    return plans
+
+
 def extract(
     src: str | Path,
     out: str | Path,
@@ -202,19 +237,23 @@ def extract(
     retry_failed: bool = False,
     workers: int | None = None,
     decoders: int | None = None,
+    writers: str = "auto",
     ray_address: str | None = None,
     gpu_share: int = 1,
     progress: bool | None = None,
 ) -> ExtractReport:
     """Extract every video under ``src`` into shards under ``out``; see the CLI's ``extract --help``.
 
-    ``workers=0`` computes in this process without Ray. Videos already in complete shards of
+    ``workers=0`` computes in this process without Ray; ``writers`` says where Ray runs write
+    shards (:func:`~flowprep.ray_runner.ray_write_shards`). Videos already in complete shards of
     ``out`` are skipped; each failed video is a line of ``out/failures.jsonl`` and in the report.
     A video that failed while a now complete shard was written is not tried again unless
     ``retry_failed``: so a resumed run writes the same bytes as an uninterrupted one. One run
     at a time writes ``out`` (:mod:`flowprep.lock`; :class:`~flowprep.lock.OutputLocked`).
     ``out``: a local folder, or ``s3://``/``gs://`` prefix (Arrow shards only; :mod:`flowprep.storage`).
     """
+    if writers not in WRITERS:
+        raise OptionError(f"writers must be one of {', '.join(WRITERS)}, not {writers!r}", "writers")
     out = storage(out)
     if not out.local and config.format == "hdf5":
         raise OptionError(HDF5_NEEDS_LOCAL, "format")
@@ -247,72 +286,75 @@ def extract(
             more = f" (and {len(damaged) - 1} more shards)" if len(damaged) > 1 else ""
             raise OutputRefused(f"{out / shard} is damaged: {reason}{more}. Run `flowprep verify {out} --repair` to drop "
                                 "the damaged shards, then rerun this command to extract their videos again")
+        out.makedirs(SHARDS)
         index = rebuild_index(out).to_pylist()
-        shards = complete_shards(out)
+        complete = set(complete_shards(out))
         # A video lost to cluster faults (stage "worker") is never settled: every run tries it again.
-        settled = [] if retry_failed else [f for f in read_failures(out) if f.get("shard") in shards and f.get("stage") != "worker"]
+        settled = [] if retry_failed else [f for f in read_failures(out) if f.get("shard") in complete and f.get("stage") != "worker"]
         done = {row["video_id"] for row in index} | {f["video_id"] for f in settled}
-        todo = [s for s in specs if s.video_id not in done]
-        report = ExtractReport(videos=len(specs) + len(problems), skipped=len(specs) - len(todo), failed=len(settled),
+        in_complete = {row["video_id"] for row in read_plan(out).to_pylist() if shard_name(row["shard"], config.format) in complete}
+        plans = plan_output(out, specs, config, redo=in_complete - done)
+        todo = [plan for plan in plans if shard_name(plan.number, config.format) not in complete and plan.videos]
+        videos = sum(len(plan.videos) for plan in todo)
+        report = ExtractReport(videos=len(specs) + len(problems), skipped=len(specs) - videos, failed=len(settled),
                                failures=settled)
-        log.info("%d videos found, %d already done (%d of them failed), %d to do, %d missing",
-                 len(specs), report.skipped, len(settled), len(todo), len(problems))
+        log.info("%d videos found, %d already done (%d of them failed), %d to do in %d shards, %d missing",
+                 len(specs), report.skipped, len(settled), videos, len(todo), len(problems))
+        position = {spec.video_id: i for i, spec in enumerate(specs)}
 
-        # failures.jsonl is written whole (object storage cannot append): the kept failures at
-        # once, then all of them before each shard is committed, so that a complete shard's
-        # failures are never lost (a kill loses only those of the incomplete shard, which a rerun
-        # redoes), and at the end.
+        # failures.jsonl is written whole (object storage cannot append), in input order whatever
+        # order shards complete in: the kept failures at once, then all of them before each shard
+        # is committed, so that a complete shard's failures are never lost (a kill loses only those
+        # of incomplete shards, which a rerun redoes), and at the end.
         def write_failures() -> None:
-            out.write(FAILURES, "".join(json.dumps(entry) + "\n" for entry in report.failures).encode())
+            ordered = sorted(report.failures, key=lambda f: position.get(f["video_id"], -1))
+            out.write(FAILURES, "".join(json.dumps(entry) + "\n" for entry in ordered).encode())
 
-        def shard_complete(shard: str, rows: list[dict]) -> None:
-            index.extend(rows)
-            write_table(out, INDEX, pa.Table.from_pylist(index, schema=INDEX_SCHEMA))
-            log.info("shard complete: %s", shard)
-
-        metadata = {"flowprep": json.dumps({k: description[k] for k in ("schema_version", "params", "versions")}, sort_keys=True)}
-        writer = ShardWriter(out, config, first_shard=shard_number(shards[-1]) + 1 if shards else 0, metadata=metadata,
-                             before_commit=lambda shard: write_failures(), on_shard_complete=shard_complete)
-        bar = tqdm(total=len(todo), unit="video", disable=None if progress is None else not progress, dynamic_ncols=True)
-
-        def fail(spec_id: str, source: str, stage: str, error: str, shard: str | None = None) -> None:
-            entry = {"video_id": spec_id, "source": source, "stage": stage, "error": error, "shard": shard}
+        def fail(entry: dict) -> None:
             report.failures.append(entry)
             report.failed += 1
-            log.warning("failed %s (%s): %s", spec_id, stage, error)
+            log.warning("failed %s (%s): %s", entry["video_id"], entry["stage"], entry["error"])
 
-        write_failures()
         for problem in problems:
-            fail(problem.video_id, problem.source, "source", problem.error)
-        if workers == 0 or not todo:
-            results = local_video_chunks(todo, config)
-        else:
-            from flowprep.ray_runner import ray_video_chunks
-
-            results = ray_video_chunks(todo, config, workers, decoders, ray_address, gpu_share)
+            fail({"video_id": problem.video_id, "source": problem.source, "stage": "source", "error": problem.error, "shard": None})
+        write_failures()
+        bar = tqdm(total=videos, unit="video", disable=None if progress is None else not progress, dynamic_ncols=True)
         start = time.perf_counter()
-        for spec, chunks in results:
-            writer.begin_video({"video_id": spec.video_id, "label": spec.label, "label_index": label_map.get(spec.label, -1),
-                                "split": spec.split, "fps": config.fps, "source": spec.path,
-                                "segment_start": spec.start, "segment_end": spec.end})
-            try:
-                for chunk in chunks:
-                    writer.add_chunk(chunk)
-            except VideoError as e:
-                fail(spec.video_id, spec.path, e.stage, str(e), shard=writer.abort_video())
-            else:
-                row = writer.end_video()
-                if row["corrupt_frames"]:
-                    log.warning("%s: %d source frame(s) flagged corrupt by FFmpeg, written as decoded (--fail-corrupt fails such videos)",
-                                spec.video_id, row["corrupt_frames"])
+
+        def video_done(row: dict | None) -> None:
+            bar.update(1)
+            if row is not None and row["corrupt_frames"]:
+                log.warning("%s: %d source frame(s) flagged corrupt by FFmpeg, written as decoded (--fail-corrupt fails such videos)",
+                            row["video_id"], row["corrupt_frames"])
+
+        metadata = {"flowprep": json.dumps({k: description[k] for k in ("schema_version", "params", "versions")}, sort_keys=True)}
+        if workers == 0:
+            def write_here(plan: ShardPlan) -> ShardResult:
+                return write_shard(out, plan, config, label_map, metadata, local_video_chunks(plan.videos, config), video_done)
+
+            results = ((plan, write_here(plan)) for plan in todo)
+        else:
+            from flowprep.ray_runner import ray_write_shards
+
+            results = ray_write_shards(todo, config, out, label_map, metadata, workers, decoders, ray_address, gpu_share,
+                                       writers, video_done)
+        for plan, result in results:
+            for entry in result.failures:
+                fail(entry)
+            if result.written:
+                write_failures()
+                commit_shard(out, result.shard, result.rows)
+                index.extend(result.rows)
+                index.sort(key=lambda row: (row["shard"], row["shard_offset"]))
+                write_table(out, INDEX, pa.Table.from_pylist(index, schema=INDEX_SCHEMA))
+                log.info("shard complete: %s", result.shard)
+            for row in result.rows:
                 report.written += 1
                 report.frames += row["num_frames"]
                 report.flow_pairs += row["num_frames"] - 1 if config.has_flow else 0
                 report.bytes_written += row["bytes"]
             report.seconds = time.perf_counter() - start
-            bar.update(1)
-            bar.set_postfix(frames=report.frames, pairs_s=f"{report.pairs_per_second:.1f}", failed=report.failed)
-        writer.close()
+            bar.set_postfix(frames=report.frames, failed=report.failed)
         write_failures()
         bar.close()
         return report

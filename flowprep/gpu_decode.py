@@ -23,12 +23,13 @@ from torch.utils.data import default_collate
 
 from flowprep.dataset import I3D_NORMALIZATION
 
-JPEG_KEYS = ("rgb_jpeg", "rgb_window")
+JPEG_KEYS = ("rgb_jpeg", "rgb_jpeg_ends", "rgb_window")
 
 
 def collate(items: list[dict]) -> dict:
-    """A DataLoader ``collate_fn`` for ``decode="gpu"`` items: ``rgb_jpeg`` (per item, T 1-D
-    uint8 tensors of different lengths) and ``rgb_window`` stay lists; the rest as by default."""
+    """A DataLoader ``collate_fn`` for ``decode="gpu"`` items: ``rgb_jpeg`` (of different
+    lengths), ``rgb_jpeg_ends`` and ``rgb_window`` stay lists, one entry an item; the rest as by
+    default."""
     batch = default_collate([{k: v for k, v in item.items() if k not in JPEG_KEYS} for item in items])
     batch.update({key: [item[key] for item in items] for key in JPEG_KEYS})
     return batch
@@ -50,8 +51,17 @@ def decode_clips(batch: dict, device: str | torch.device, normalization: tuple[S
     in one batched call: ``[B, 3, T, crop, crop]`` float32 normalized with ``normalization``
     (``(mean, std)`` on the [0, 1] scale, as ClipDataset takes it), or uint8 without ``normalize``."""
     decode = _nvjpeg()
-    images = decode([jpeg for clip in batch["rgb_jpeg"] for jpeg in clip], device=device)
+    images = decode(frame_jpegs(batch), device=device)
     return assemble_clips(images, batch, normalization if normalize else None)
+
+
+def frame_jpegs(batch: dict) -> list[torch.Tensor]:
+    """Every frame's JPEG in a :func:`collate` batch, clip after clip: 1-D uint8 views."""
+    jpegs = []
+    for data, ends in zip(batch["rgb_jpeg"], batch["rgb_jpeg_ends"]):
+        starts = [0, *ends[:-1].tolist()]
+        jpegs += [data[start:end] for start, end in zip(starts, ends.tolist())]
+    return jpegs
 
 
 def assemble_clips(images: Sequence[torch.Tensor], batch: dict,

@@ -1,4 +1,8 @@
-"""Ray wiring: decode actors stream chunks to flow actors; the driver reads them in video order.
+"""Ray wiring: shards written by tasks on the nodes, or decode actors streaming to the driver.
+
+* Shard tasks (``--writers workers``): one Ray task per planned shard decodes its videos (a
+  :class:`DecodeWorker` object of its own), has their flow solved by the flow actors, and writes
+  the shard straight to the output; the driver only commits what completes.
 
 * ``DecodeWorker`` (no CPU reserved: decoding and JPEG cost about 1 % of TV-L1) decodes several
   videos at once (threads), each as a streaming generator. It hands each chunk to the least
@@ -8,15 +12,16 @@
   one core and a chunk at a time. On a GPU it takes the GPU (or its share) and many chunks at once (a
   thread each): their pairs are solved in shared batches (:class:`PairBatcher`) while the
   threads encode finished chunks, and the driver keeps ``GPU_VIDEOS`` videos in flight for it.
-* The driver keeps a bounded window of videos in flight and consumes them in input order; each
-  generator stops after a few unconsumed chunks (Ray's generator backpressure), so memory stays
-  bounded by ``window x (lookahead + backpressure) x chunk`` however long the videos are.
+* With ``--writers driver``, the driver keeps a bounded window of videos in flight and consumes
+  them in input order; each generator stops after a few unconsumed chunks (Ray's generator
+  backpressure), so memory stays bounded by ``window x (lookahead + backpressure) x chunk``
+  however long the videos are.
 * An RGB-only run (``--flow none``) starts no ``FlowWorker``: the decoders are all the work and
   yield their chunks as decoded, so none of the flow workers' fault handling is involved.
 
-Plain actors were chosen over Ray Data: ordered, per-video streaming results (needed for
-deterministic shards and exact resume) and per-video failure records are direct here, and one
-long-lived backend per actor is what the GPU solvers need.
+Plain actors and tasks were chosen over Ray Data: shards planned up front, each written whole
+by one task (deterministic shards and exact resume), per-video failure records, and one
+long-lived backend per actor, which the GPU solvers need, are direct here.
 """
 
 from __future__ import annotations
@@ -25,9 +30,11 @@ import logging
 import os
 import threading
 import time
+import itertools
 import uuid
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import cv2
 import ray
@@ -36,7 +43,10 @@ from flowprep.errors import DecodeError, VideoError
 from flowprep.flow import BACKENDS, get_backend
 from flowprep.flow.batching import PairBatcher
 from flowprep.pipeline import NO_FLOW, ExtractConfig, VideoChunk, decode_chunks, flow_chunk
+from flowprep.shards.plan import ShardPlan
+from flowprep.shards.writer import ShardResult, lost_shard, write_shard
 from flowprep.sources import VideoSpec
+from flowprep.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +64,7 @@ GPU_CHUNKS = 2 * GPU_VIDEOS * FLOW_LOOKAHEAD
 # Attempts at a chunk's flow, and at a whole video, when the worker doing it is lost.
 FLOW_ATTEMPTS = 4
 VIDEO_ATTEMPTS = 3
+SHARD_ATTEMPTS = 3
 # How long a run waits for a flow worker when it has none (starting, or restarting after a lost
 # node): a cluster that autoscales or restarts a node has this long to bring one back.
 WORKER_WAIT_S = float(os.environ.get("FLOWPREP_WORKER_WAIT_S", 600))
@@ -253,24 +264,19 @@ def _chunks(spec: VideoSpec, decode) -> Iterator[VideoChunk]:
     raise WorkerError(f"lost with its decoder {VIDEO_ATTEMPTS} times: {type(error).__name__}")
 
 
-def ray_video_chunks(
-    specs: list[VideoSpec],
-    config: ExtractConfig,
-    workers: int | None = None,
-    decoders: int | None = None,
-    address: str | None = None,
-    gpu_share: int = 1,
-) -> Iterator[tuple[VideoSpec, Iterator[VideoChunk]]]:
-    """``(spec, chunks)`` for each video of ``specs``, in order, computed by Ray actors.
+@dataclass
+class _Cluster:
+    """The flow actors of a run (none for RGB only), and how many videos (or shards) to keep in
+    flight and decoders to start for them."""
 
-    ``workers`` flow actors (default: ``gpu_share`` per GPU of the cluster for ``torch`` and
-    ``opencv-cuda`` when it has GPUs, each with that share of the GPU and of its memory, else one
-    per CPU), ``decoders`` decode actors (default: one per 16 CPU flow
-    actors, or per 4 CPUs beside GPU flow actors). An RGB-only ``config`` has no flow actors:
-    ``workers`` (default one per CPU) is then the default number of decoders. Consume each video's
-    chunks before asking for the next. Chunk iterators raise :class:`VideoError` for a failed
-    video. Ray is started and the actors are ready before this returns.
-    """
+    flow_workers: list
+    names: list[str]
+    decoders: int
+    window: int
+
+
+def _start_flow_workers(config: ExtractConfig, workers: int | None, decoders: int | None, address: str | None,
+                        gpu_share: int) -> _Cluster:
     # --workers counts CPUs for the CPU solver and for RGB only; GPU solvers leave every CPU to the decoders.
     start_ray(address, workers if config.flow_backend in ("opencv", NO_FLOW) else None)
     cpus, gpus = int(ray.cluster_resources().get("CPU", 0)), cluster_gpus()
@@ -283,12 +289,10 @@ def ray_video_chunks(
     workers = workers or max(1, have)
     if not config.has_flow:
         # Decoding is all the work: a decoder per worker, each with two videos in flight (one
-        # decoding while the other waits for the driver to take its chunks).
+        # decoding while the other waits to be written).
         decoders = decoders or workers
-        window = 2 * decoders
-        decode_workers = start_decoders(config, [], decoders, window)
         log.info("ray: %d decoders, no flow (RGB only)", decoders)
-        return _in_order(specs, decode_workers, [], window)
+        return _Cluster([], [], decoders, 2 * decoders)
     names = [f"flowprep-flow-{uuid.uuid4().hex}" for _ in range(workers)]
     # A batched backend takes many chunks at once (its PairBatcher solves them together); any
     # other holds one solver that must not be called from two threads.
@@ -305,10 +309,111 @@ def ray_video_chunks(
         resources = {"num_cpus": 1, "max_concurrency": 2 * FLOW_LOOKAHEAD if batched else 1}
         window = workers + 2 * decoders  # videos queued: with the lookahead, enough chunks for every worker
     flow_workers = [ray.remote(FlowWorker).options(name=name, max_restarts=-1, **resources).remote(config, **options) for name in names]
-    decode_workers = start_decoders(config, names, decoders, window)
     devices = wait_for_workers(flow_workers, "flow workers")  # a backend that cannot start fails here
-    log.info("ray: %d flow workers (%s on %s), %d decoders", workers, config.flow_backend, ", ".join(sorted(set(devices))), decoders)
-    return _in_order(specs, decode_workers, flow_workers, window)
+    log.info("ray: %d flow workers (%s on %s)", workers, config.flow_backend, ", ".join(sorted(set(devices))))
+    return _Cluster(flow_workers, names, decoders, window)
+
+
+def write_shard_here(plan: ShardPlan, config: ExtractConfig, flow_worker_names: list[str], out: Storage,
+                     label_map: dict[str, int], metadata: dict[str, str]) -> ShardResult:
+    """A shard task (on whichever node Ray placed it): decode the shard's videos, their flow
+    solved by the flow actors, and write the shard straight to ``out``."""
+    cv2.setNumThreads(1)
+    decoder = DecodeWorker(config, flow_worker_names)  # an object of this task, not an actor
+    return write_shard(out, plan, config, label_map, metadata, ((spec, decoder.decode(spec)) for spec in plan.videos))
+
+
+def ray_write_shards(
+    plans: list[ShardPlan],
+    config: ExtractConfig,
+    out: Storage,
+    label_map: dict[str, int],
+    metadata: dict[str, str],
+    workers: int | None = None,
+    decoders: int | None = None,
+    address: str | None = None,
+    gpu_share: int = 1,
+    writers: str = "auto",
+    on_video: Callable[[dict | None], None] | None = None,
+) -> Iterator[tuple[ShardPlan, ShardResult]]:
+    """Write the shards of ``plans`` with Ray; yield each plan with its :class:`ShardResult` (its
+    file closed, not committed) as it completes.
+
+    ``workers`` flow actors (default: ``gpu_share`` per GPU of the cluster for ``torch`` and
+    ``opencv-cuda`` when it has GPUs, each with that share of the GPU and of its memory, else one
+    per CPU); an RGB-only ``config`` has none, ``workers`` (default one per CPU) then counts
+    decoders. ``writers``:
+
+    * ``workers``: each shard is a task on a node of the cluster that decodes its videos (flow
+      on the flow actors) and writes the shard straight to ``out``: no byte passes through this
+      process. As many tasks in flight as videos would be; shards complete in any order. A task
+      lost with its node or process runs again from the start, up to ``SHARD_ATTEMPTS`` times;
+      after that the shard's videos fail (stage ``worker``) and the next run writes it again.
+    * ``driver``: ``decoders`` decode actors (default: one per 16 CPU flow actors, or per 4 CPUs
+      beside GPU flow actors) stream every chunk here and this process writes the shards, in
+      order.
+    * ``auto``: ``workers`` when every node can reach ``out`` for sure (object storage, or a
+      one-node cluster), else ``driver`` (a local ``--out`` on a cluster may not be shared).
+
+    ``on_video`` gets each video's index row (``None`` when it failed): as it is written with
+    ``driver``, when its shard completes with ``workers``.
+    """
+    cluster = _start_flow_workers(config, workers, decoders, address, gpu_share)
+    if writers == "auto":
+        nodes = sum(node["Alive"] for node in ray.nodes())
+        writers = "workers" if not out.local or nodes == 1 else "driver"
+    try:
+        if writers == "driver":
+            yield from _write_here(plans, config, out, label_map, metadata, cluster, on_video)
+        else:
+            for plan, result in _write_on_workers(plans, config, out, label_map, metadata, cluster):
+                if on_video:
+                    for row in [*result.rows, *[None] * len(result.failures)]:
+                        on_video(row)
+                yield plan, result
+    finally:
+        kill_actors(cluster.flow_workers)
+
+
+def _write_here(plans, config, out, label_map, metadata, cluster: _Cluster, on_video):
+    decode_workers = start_decoders(config, cluster.names, cluster.decoders, cluster.window)
+    log.info("ray: %d decoders, every shard written by this process", cluster.decoders)
+    videos = _in_order([spec for plan in plans for spec in plan.videos], decode_workers, cluster.window)
+    try:
+        for plan in plans:
+            yield plan, write_shard(out, plan, config, label_map, metadata, itertools.islice(videos, len(plan.videos)), on_video)
+    finally:
+        videos.close()
+
+
+def _write_on_workers(plans, config, out, label_map, metadata, cluster: _Cluster):
+    # RGB only: decoding is the work, a CPU a task; with flow the flow actors own the cores.
+    task = ray.remote(write_shard_here).options(num_cpus=0 if config.has_flow else 1, max_retries=0, scheduling_strategy="SPREAD")
+    in_flight = cluster.window if config.has_flow else cluster.decoders
+    log.info("ray: up to %d shard tasks at a time, each writing its shard to %s", in_flight, out)
+    todo = iter(plans)
+    running: dict = {}  # task -> (plan, attempt)
+
+    def submit(plan: ShardPlan, attempt: int = 1) -> None:
+        running[task.remote(plan, config, cluster.names, out, label_map, metadata)] = (plan, attempt)
+
+    for plan in itertools.islice(todo, in_flight):
+        submit(plan)
+    while running:
+        [ref], _ = ray.wait(list(running), num_returns=1)
+        plan, attempt = running.pop(ref)
+        try:
+            result = ray.get(ref)
+        except TRANSIENT as e:
+            if attempt < SHARD_ATTEMPTS:
+                log.warning("shard %d lost with its worker (%s), attempt %d of %d", plan.number, type(e).__name__, attempt, SHARD_ATTEMPTS)
+                submit(plan, attempt + 1)
+                continue
+            result = lost_shard(plan, config, f"lost with its worker {SHARD_ATTEMPTS} times: {type(e).__name__}")
+        yield plan, result
+        following = next(todo, None)
+        if following is not None:
+            submit(following)
 
 
 def start_decoders(config: ExtractConfig, flow_worker_names: list[str], decoders: int, window: int) -> list:
@@ -352,7 +457,9 @@ def decode_task(decoder, spec: VideoSpec):
     return decoder.decode.options(_generator_backpressure_num_objects=BACKPRESSURE_CHUNKS).remote(spec)
 
 
-def _in_order(specs, decode_workers, flow_workers, window):
+def _in_order(specs, decode_workers, window):
+    """``(spec, chunks)`` for each of ``specs`` in order, ``window`` videos in flight over the
+    ``decode_workers`` (stopped when this generator ends)."""
     pending = deque()
     todo = iter(enumerate(specs))
 
@@ -374,7 +481,7 @@ def _in_order(specs, decode_workers, flow_workers, window):
 
             yield spec, _chunks(spec, decode)
     finally:
-        kill_actors(flow_workers + decode_workers)
+        kill_actors(decode_workers)
 
 
 class FlowWindowReader:

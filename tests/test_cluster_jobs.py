@@ -122,6 +122,19 @@ def test_a_lost_node_costs_no_video_and_changes_no_byte(pans, ray_cluster, tmp_p
 
 
 @pytest.mark.cluster
+def test_shards_written_on_the_nodes_are_the_bytes_of_one_process_though_a_node_is_lost(pans, ray_cluster, tmp_path):
+    args, reference = pans
+    out = tmp_path / "out"
+    status, stdout, log = run_and_fault([*args, "--out", out, "--workers", 2, "--writers", "workers", "--ray-address", ray_cluster.address],
+                                        lambda: ray_cluster.kill_node(ray_cluster.nodes[1]), env=ray_cluster.env)
+    assert status == 0, log
+    assert "6 written, 0 failed" in stdout and "each writing its shard" in log
+    assert_same_shards(out, reference)
+    assert (out / "index.parquet").read_bytes() == (reference / "index.parquet").read_bytes()
+    assert (out / "plan.parquet").read_bytes() == (reference / "plan.parquet").read_bytes()
+
+
+@pytest.mark.cluster
 def test_ray_job_submit_runs_the_kinetics_job(tmp_path):
     cluster = RayCluster(tmp_path, dashboard=True)
     try:

@@ -125,7 +125,7 @@ def assert_same_output(uri: str, local: Path) -> None:
     and nothing else of flowprep's (no .partial names: object storage never renames)."""
     shards = complete_shards(local)
     assert complete_shards(uri) == shards and len(shards) == VIDEOS
-    names = [*shards, *map(index_part, shards), "failures.jsonl"]
+    names = [*shards, *map(index_part, shards), "failures.jsonl", "plan.parquet"]
     store = storage(uri)
     for name in names:
         assert store.read_bytes(name) == (local / name).read_bytes(), name
@@ -141,6 +141,19 @@ def test_extract_to_s3_writes_the_bytes_of_a_local_run(on_s3, reference, src):
     status, output = flowprep("extract", "--src", src, "--out", on_s3, *ARGS)
     assert status == 0 and f"{VIDEOS} already done, 0 written" in output
     assert objects(on_s3) == before
+
+
+@pytest.mark.ray
+def test_shard_tasks_on_ray_write_straight_to_s3(s3, src, reference):
+    import ray
+
+    out = f"{s3}/runs/ray"
+    try:
+        status, output = flowprep("extract", "--src", src, "--out", out, *ARGS, "--workers", "1")  # the last --workers counts
+    finally:
+        ray.shutdown()
+    assert status == 0 and f"{VIDEOS} written" in output, output
+    assert_same_output(out, reference)
 
 
 def test_a_killed_run_resumes_to_the_same_output_and_its_leftovers_go(s3, src, reference):

@@ -19,7 +19,7 @@ from flowprep.cli import main
 from flowprep.codec import Codec
 from flowprep.dataset import I3D_NORMALIZATION
 from flowprep.extract import extract
-from flowprep.gpu_decode import assemble_clips, collate, decode_clips
+from flowprep.gpu_decode import assemble_clips, collate, decode_clips, frame_jpegs
 from flowprep.jpeg import crop_jpeg
 from flowprep.pipeline import ExtractConfig, OptionError
 
@@ -150,8 +150,9 @@ def test_gpu_decode_inputs_give_the_cpu_clip(rst_out, normalize):
     items = [gpu[(0, epoch)] for epoch in range(4)]
     assert {item["flip"] for item in items} == {False, True}  # both ways are exercised
     batch = next(iter(DataLoader(items, batch_size=4, collate_fn=collate)))
-    assert all(len(jpeg) < 96 * 96 for clip in batch["rgb_jpeg"] for jpeg in clip)  # cut to the crop's MCUs
-    images = [torch.from_numpy(simplejpeg.decode_jpeg(j.numpy(), "RGB")).permute(2, 0, 1) for clip in batch["rgb_jpeg"] for j in clip]
+    jpegs = frame_jpegs(batch)
+    assert len(jpegs) == 4 * 6 and all(len(jpeg) < 96 * 96 for jpeg in jpegs)  # cut to the crop's MCUs
+    images = [torch.from_numpy(simplejpeg.decode_jpeg(j.numpy(), "RGB")).permute(2, 0, 1) for j in jpegs]
     rgb = assemble_clips(images, batch, I3D_NORMALIZATION if normalize else None)
     expected = torch.stack([cpu[(0, epoch)]["rgb"] for epoch in range(4)])
     assert rgb.shape == (4, 3, 6, 80, 80)

@@ -386,7 +386,8 @@ def test_gpu_flow_workers_wiring_on_a_cluster_that_declares_a_gpu(kinetics_folde
 
     from flowprep.extract import extract
     from flowprep.pipeline import ExtractConfig
-    from flowprep.ray_runner import ray_video_chunks
+    from flowprep.ray_runner import ray_write_shards
+    from flowprep.storage import storage
 
     config = ExtractConfig(short_side=48, max_frames=10, chunk_frames=4, flow_backend="torch",
                            flow_params={"nscales": 2, "warps": 2, "inner_iterations": 5, "outer_iterations": 2})
@@ -403,6 +404,6 @@ def test_gpu_flow_workers_wiring_on_a_cluster_that_declares_a_gpu(kinetics_folde
     ray.init(num_cpus=1, num_gpus=0, include_dashboard=False, logging_level="WARNING")
     try:
         with pytest.raises(ValueError, match="needs a GPU; the Ray cluster has none"):
-            ray_video_chunks([], ExtractConfig(flow_backend="opencv-cuda"))
+            next(ray_write_shards([], ExtractConfig(flow_backend="opencv-cuda"), storage(tmp_path / "none"), {}, {}))
     finally:
         ray.shutdown()

@@ -5,6 +5,7 @@
     <out>/dataset.json                   parameters, versions, label map, has_flow (SCHEMA_VERSION)
     <out>/index.parquet                  one row per written video (INDEX_SCHEMA)
     <out>/failures.jsonl                 one JSON object per failed video
+    <out>/plan.parquet                   which videos go into which shard (flowprep/shards/plan.py)
     <out>/shards/shard-00000.arrow|.h5   complete shards
     <out>/shards/shard-00000.parquet     the index rows of that shard, and the shard's size
     <out>/teachers/<name>/...            ``flowprep teacher``'s targets (flowprep/teacher/targets.py)
@@ -38,6 +39,7 @@ DATASET_JSON = "dataset.json"
 INDEX = "index.parquet"
 FAILURES = "failures.jsonl"
 SHARDS = "shards"
+PLAN = "plan.parquet"
 SHARD_SUFFIX = {"arrow": ".arrow", "hdf5": ".h5"}
 _SHARD_NAME = re.compile(r"shard-(\d{5,})\.(arrow|h5)$")
 _SHARD_FILE = re.compile(r"shard-\d{5,}\.(arrow|h5|parquet)(\.partial)?")  # a shard, its index part, leftovers
@@ -197,7 +199,7 @@ def output_files(out: str | Path | Storage) -> tuple[list[str], list[str]]:
             else:
                 others.append(path)
 
-    sort("", {DATASET_JSON, INDEX, FAILURES}, teachers=True)
+    sort("", {DATASET_JSON, INDEX, FAILURES, PLAN}, teachers=True)
     return own, others
 
 
@@ -231,7 +233,7 @@ def leftovers(out: str | Path | Storage) -> list[str]:
     else is ever listed."""
     store = storage(out)
     complete = set(complete_shards(store))
-    found = [n for n in store.files() if n.endswith(PARTIAL) and n.removesuffix(PARTIAL) in {DATASET_JSON, INDEX, FAILURES, TEACHER_JSON}]
+    found = [n for n in store.files() if n.endswith(PARTIAL) and n.removesuffix(PARTIAL) in {DATASET_JSON, INDEX, FAILURES, PLAN, TEACHER_JSON}]
     kept = complete | {index_part(s) for s in complete}
     found += [f"{SHARDS}/{n}" for n in store.files(SHARDS) if _SHARD_FILE.fullmatch(n) and f"{SHARDS}/{n}" not in kept]
     return sorted(found)

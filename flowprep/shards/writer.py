@@ -1,34 +1,31 @@
-"""Write videos, chunk by chunk, into shard files of about ``shard_size`` bytes.
+"""Write the shards of a plan (:mod:`flowprep.shards.plan`), chunk by chunk.
 
-Videos go in the order they are given and a video never spans two shards, so the same input and
-options give the same shard files byte for byte, and a resumed run continues exactly where the
-killed one's last complete shard ended.
+A shard holds the videos its plan gives, in that order, so the same input and options give the
+same shard files byte for byte wherever each shard is written, and a resumed run writes again
+exactly the shards that were not complete.
 
-A shard is written by :func:`open_shard` (a shard file on a :class:`~flowprep.storage.Storage`,
-taking chunks) and :func:`commit_shard` (its index part, which makes it part of the output):
-nothing else, so any process that holds a shard's chunks can write it.
+A shard is written by :func:`write_shard` (a shard file on a :class:`~flowprep.storage.Storage`,
+from its videos' chunks: in any process, a Ray worker's included) and made part of the output by
+:func:`commit_shard` (its index part; the run's driver does it).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pyarrow as pa
 
+from flowprep.errors import VideoError
 from flowprep.pipeline import ExtractConfig, VideoChunk
-from flowprep.shards.layout import (
-    ARROW_RGB_SHARD_SCHEMA,
-    ARROW_SHARD_SCHEMA,
-    SHARDS,
-    shard_name,
-    update_checksum,
-    write_index_part,
-)
+from flowprep.shards.layout import ARROW_RGB_SHARD_SCHEMA, ARROW_SHARD_SCHEMA, shard_name, update_checksum, write_index_part
+from flowprep.shards.plan import ShardPlan
+from flowprep.sources import VideoSpec
 from flowprep.storage import Storage, storage
 
 
@@ -131,95 +128,66 @@ def commit_shard(store: Storage, shard: str, rows: list[dict]) -> None:
     store.publish(shard)
 
 
-class ShardWriter:
-    """Appends videos to the current shard and closes it once it reaches ``config.shard_size``.
+@dataclass
+class ShardResult:
+    """What writing one shard gave: ``shard`` (its relative name; the file is closed but not yet
+    committed, unless not ``written`` at all), the index ``rows`` of its videos and the
+    ``failures`` (``failures.jsonl`` entries) of those that failed, both in input order."""
 
-    Use per video: :meth:`begin_video`, :meth:`add_chunk` for each chunk in order, then
-    :meth:`end_video` (returns its index row) or :meth:`abort_video`. ``before_commit`` is called
-    with each complete shard's relative name just before it is committed (what must be durable
-    before the shard counts), ``on_shard_complete`` with its name and index rows after.
-    """
+    shard: str
+    rows: list[dict] = field(default_factory=list)
+    failures: list[dict] = field(default_factory=list)
+    written: bool = True
 
-    def __init__(
-        self,
-        out: str | Path | Storage,
-        config: ExtractConfig,
-        first_shard: int = 0,
-        metadata: dict[str, str] | None = None,
-        before_commit: Callable[[str], None] | None = None,
-        on_shard_complete: Callable[[str, list[dict]], None] | None = None,
-    ):
-        self.storage = storage(out)
-        self.config = config
-        self._metadata = metadata or {}
-        self._next_shard = first_shard
-        self._before_commit = before_commit
-        self._on_shard_complete = on_shard_complete
-        self._file: ArrowShardFile | HDF5ShardFile | None = None
-        self._shard: str | None = None
-        self._rows: list[dict] = []
-        self._bytes = 0
-        self._video: dict | None = None
-        self.storage.makedirs(SHARDS)
 
-    def _open_shard(self) -> None:
-        self._shard = shard_name(self._next_shard, self.config.format)
-        self._next_shard += 1
-        self._file = open_shard(self.storage, self._shard, self.config, self._metadata)
-        self._rows, self._bytes = [], 0
+def failure(spec: VideoSpec, stage: str, error: str, shard: str | None) -> dict:
+    """A ``failures.jsonl`` entry."""
+    return {"video_id": spec.video_id, "source": spec.path, "stage": stage, "error": error, "shard": shard}
 
-    def begin_video(self, row: dict) -> None:
-        """Start a video; ``row`` holds its index fields known before decoding (id, label, source...)."""
-        if self._file is None:
-            self._open_shard()
-        offset = self._file.begin_video(row["video_id"])
-        self._video = {**row, "shard": self._shard, "shard_offset": offset, "num_frames": 0, "bytes": 0, "_sha": hashlib.sha256()}
 
-    def add_chunk(self, chunk: VideoChunk) -> None:
-        video = self._video
-        if chunk.start != video["num_frames"]:
-            raise ValueError(f"{video['video_id']}: chunk starts at frame {chunk.start}, expected {video['num_frames']}")
-        self._file.add(video["video_id"], chunk)
-        update_checksum(video["_sha"], chunk.rgb, chunk.flow)
-        size = sum(map(len, chunk.rgb)) + sum(map(len, chunk.flow))
-        video["bytes"] += size
-        video["num_frames"] += len(chunk.rgb)
-        video.update(height=chunk.height, width=chunk.width, source_fps=chunk.source.fps,
-                     source_duration=chunk.source.duration, source_codec=chunk.source.codec,
-                     source_stream=chunk.source.stream, corrupt_frames=chunk.corrupt_frames)
-        self._bytes += size
+def write_shard(out: str | Path | Storage, plan: ShardPlan, config: ExtractConfig, label_map: dict[str, int],
+                metadata: dict[str, str], videos: Iterable[tuple[VideoSpec, Iterable[VideoChunk]]],
+                on_video: Callable[[dict | None], None] | None = None) -> ShardResult:
+    """Write shard ``plan.number`` of ``out`` from ``videos``, the ``(spec, chunks)`` of the plan's
+    videos in order (chunks in frame order; a failing video raises :class:`VideoError` from its
+    chunks, is left out and recorded). The file is closed, not committed (:func:`commit_shard`).
+    ``on_video`` gets each video's index row as it is written (``None`` when it failed)."""
+    store = storage(out)
+    shard = shard_name(plan.number, config.format)
+    result = ShardResult(shard)
+    file = open_shard(store, shard, config, metadata)
+    for spec, chunks in videos:
+        offset = file.begin_video(spec.video_id)
+        row = {"video_id": spec.video_id, "label": spec.label, "label_index": label_map.get(spec.label, -1), "split": spec.split,
+               "shard": shard, "shard_offset": offset, "num_frames": 0, "fps": config.fps, "source": spec.path,
+               "segment_start": spec.start, "segment_end": spec.end, "bytes": 0}
+        sha = hashlib.sha256()
+        try:
+            for chunk in chunks:
+                if chunk.start != row["num_frames"]:
+                    raise ValueError(f"{spec.video_id}: chunk starts at frame {chunk.start}, expected {row['num_frames']}")
+                file.add(spec.video_id, chunk)
+                update_checksum(sha, chunk.rgb, chunk.flow)
+                row["bytes"] += sum(map(len, chunk.rgb)) + sum(map(len, chunk.flow))
+                row["num_frames"] += len(chunk.rgb)
+                row.update(height=chunk.height, width=chunk.width, source_fps=chunk.source.fps, source_duration=chunk.source.duration,
+                           source_codec=chunk.source.codec, source_stream=chunk.source.stream, corrupt_frames=chunk.corrupt_frames)
+        except VideoError as e:
+            file.abort_video(spec.video_id)
+            result.failures.append(failure(spec, e.stage, str(e), shard))
+            if on_video:
+                on_video(None)
+            continue
+        row["checksum"] = sha.hexdigest()
+        result.rows.append(row)
+        if on_video:
+            on_video(row)
+    file.close()
+    return result
 
-    def end_video(self) -> dict:
-        """Finish the video; returns its index row. Closes the shard when it is full."""
-        row = self._video
-        row["checksum"] = row.pop("_sha").hexdigest()
-        self._rows.append(row)
-        self._video = None
-        if self._bytes >= self.config.shard_size:
-            self._close_shard()
-        return row
 
-    def abort_video(self) -> str:
-        """Drop the video begun last (a failure part-way); it gets no index row. Returns the shard
-        it was in: a rerun redoes the failure only if that shard was not completed."""
-        self._file.abort_video(self._video["video_id"])
-        self._video = None
-        return self._shard
-
-    def _close_shard(self) -> None:
-        self._file.close()
-        self._file = None
-        if not self._rows:  # every video in it failed
-            self.storage.delete(self.storage.staged(self._shard))
-            self._next_shard -= 1
-            return
-        if self._before_commit:
-            self._before_commit(self._shard)
-        commit_shard(self.storage, self._shard, self._rows)
-        if self._on_shard_complete:
-            self._on_shard_complete(self._shard, self._rows)
-
-    def close(self) -> None:
-        """Close the last shard (if any video went into it)."""
-        if self._file is not None:
-            self._close_shard()
+def lost_shard(plan: ShardPlan, config: ExtractConfig, error: str) -> ShardResult:
+    """The result of a shard that could not be written (its worker lost too often): every video
+    failed at stage ``worker``. It is not committed, so the next run writes it again."""
+    shard = shard_name(plan.number, config.format)
+    return ShardResult(shard, [], [failure(spec, "worker", error, None) for spec in plan.videos], written=False)

@@ -126,7 +126,7 @@ def extract_options(f):
         click.option("--rgb-codec", default="jpeg-rst:95", show_default=True, help="RGB frame codec: jpeg:Q, jpeg-rst:Q (crops decode only their MCUs), yuv420:lz4, yuv420:zstd:L, yuv420:raw (crops unpack only their tiles), png:L, zstd:L or raw (docs/format.md)."),
         click.option("--flow-codec", default="zstd:3", show_default=True, help="Flow frame codec: zstd:L, png:L, jpeg:Q or raw."),
         click.option("--format", "fmt", default="arrow", show_default=True, type=click.Choice(["arrow", "hdf5"]), help="Shard file format."),
-        click.option("--shard-size", default="1GiB", show_default=True, callback=lambda ctx, p, v: parse_size(v), help="Close a shard once it holds this many bytes (videos are never split)."),
+        click.option("--shard-size", default="1GiB", show_default=True, callback=lambda ctx, p, v: parse_size(v), help="Target size of a shard: videos go into shards in input order by their estimated size (from the container header), never split (docs/architecture.md)."),
         click.option("--chunk-frames", default=8, show_default=True, type=click.IntRange(min=1), help="Frames per stored batch and per flow task."),
         click.option("--fail-corrupt", is_flag=True, help="Fail a video (stage decode) when FFmpeg flags one of its frames as corrupt; by default it is written, with a warning and the count in the index."),
         click.option("--workers", type=click.IntRange(min=0), help="Flow workers (default: every CPU of the Ray cluster, or --gpu-share per GPU for a GPU backend; 0: no Ray, this process only). With --flow none: CPUs, one decoder each by default."),

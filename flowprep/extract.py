@@ -225,6 +225,15 @@ def plan_output(out: Storage, specs: list[VideoSpec], config: ExtractConfig, red
     return plans
 
 
+def extend_index(out: Storage, index: pa.Table, rows: list[dict]) -> pa.Table:
+    """``index`` with a committed shard's ``rows``, in shard order, written whole as ``index.parquet``
+    (readers see exactly the complete shards; shards complete in any order)."""
+    table = pa.concat_tables([index, pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)])
+    table = table.sort_by([("shard", "ascending"), ("shard_offset", "ascending")]).combine_chunks()
+    write_table(out, INDEX, table)
+    return table
+
+
 def extract(
     src: str | Path,
     out: str | Path,
@@ -287,11 +296,11 @@ def extract(
             raise OutputRefused(f"{out / shard} is damaged: {reason}{more}. Run `flowprep verify {out} --repair` to drop "
                                 "the damaged shards, then rerun this command to extract their videos again")
         out.makedirs(SHARDS)
-        index = rebuild_index(out).to_pylist()
+        index = rebuild_index(out)
         complete = set(complete_shards(out))
         # A video lost to cluster faults (stage "worker") is never settled: every run tries it again.
         settled = [] if retry_failed else [f for f in read_failures(out) if f.get("shard") in complete and f.get("stage") != "worker"]
-        done = {row["video_id"] for row in index} | {f["video_id"] for f in settled}
+        done = set(index["video_id"].to_pylist()) | {f["video_id"] for f in settled}
         in_complete = {row["video_id"] for row in read_plan(out).to_pylist() if shard_name(row["shard"], config.format) in complete}
         plans = plan_output(out, specs, config, redo=in_complete - done)
         todo = [plan for plan in plans if shard_name(plan.number, config.format) not in complete and plan.videos]
@@ -328,7 +337,7 @@ def extract(
                             row["video_id"], row["corrupt_frames"])
 
         metadata = {"flowprep": json.dumps({k: description[k] for k in ("schema_version", "params", "versions")}, sort_keys=True)}
-        if workers == 0:
+        if workers == 0 or not todo:
             def write_here(plan: ShardPlan) -> ShardResult:
                 return write_shard(out, plan, config, label_map, metadata, local_video_chunks(plan.videos, config), video_done)
 
@@ -344,9 +353,7 @@ def extract(
             if result.written:
                 write_failures()
                 commit_shard(out, result.shard, result.rows)
-                index.extend(result.rows)
-                index.sort(key=lambda row: (row["shard"], row["shard_offset"]))
-                write_table(out, INDEX, pa.Table.from_pylist(index, schema=INDEX_SCHEMA))
+                index = extend_index(out, index, result.rows)
                 log.info("shard complete: %s", result.shard)
             for row in result.rows:
                 report.written += 1

@@ -8,6 +8,7 @@ for debugging, this process's own.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -36,7 +37,7 @@ from flowprep.flow import BACKENDS, flow_device, get_backend, resolve_backend_na
 from flowprep.flow.opencv import NO_OPENCV_CUDA, opencv_cuda_devices
 from flowprep.pipeline import ExtractConfig, VideoChunk, video_chunks
 from flowprep.shards.plan import PLAN_SCHEMA, ShardPlan, estimate_bytes, plan_table, replan
-from flowprep.shards.writer import ShardResult, commit_shard, write_shard
+from flowprep.shards.writer import commit_shard, write_shard
 from flowprep.shards.layout import (
     DATASET_JSON,
     FAILURES,
@@ -338,10 +339,9 @@ def extract(
 
         metadata = {"flowprep": json.dumps({k: description[k] for k in ("schema_version", "params", "versions")}, sort_keys=True)}
         if workers == 0 or not todo:
-            def write_here(plan: ShardPlan) -> ShardResult:
-                return write_shard(out, plan, config, label_map, metadata, local_video_chunks(plan.videos, config), video_done)
-
-            results = ((plan, write_here(plan)) for plan in todo)
+            videos = local_video_chunks([spec for plan in todo for spec in plan.videos], config)  # one flow backend
+            results = ((plan, write_shard(out, plan, config, label_map, metadata, itertools.islice(videos, len(plan.videos)), video_done))
+                       for plan in todo)
         else:
             from flowprep.ray_runner import ray_write_shards
 

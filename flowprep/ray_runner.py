@@ -1,8 +1,8 @@
 """Ray wiring: shards written by tasks on the nodes, or decode actors streaming to the driver.
 
-* Shard tasks (``--writers workers``): one Ray task per planned shard decodes its videos (a
-  :class:`DecodeWorker` object of its own), has their flow solved by the flow actors, and writes
-  the shard straight to the output; the driver only commits what completes.
+* With ``--writers workers``, a ``DecodeWorker`` writes each planned shard it is given (a
+  thread each): it decodes the shard's videos, has their flow solved by the flow actors, and
+  writes the shard straight to the output; the driver only commits what completes.
 
 * ``DecodeWorker`` (no CPU reserved: decoding and JPEG cost about 1 % of TV-L1) decodes several
   videos at once (threads), each as a streaming generator. It hands each chunk to the least
@@ -179,6 +179,11 @@ class DecodeWorker:
         while in_flight:
             yield self._result(*in_flight.popleft())
 
+    def write(self, plan: ShardPlan, out: Storage, label_map: dict[str, int], metadata: dict[str, str]) -> ShardResult:
+        """Decode the shard's videos (their flow solved by the flow workers) and write the shard
+        straight to ``out`` (closed, not committed: the driver commits it)."""
+        return write_shard(out, plan, self.config, label_map, metadata, ((spec, self.decode(spec)) for spec in plan.videos))
+
     def _result(self, chunk: VideoChunk, ref, worker: int) -> VideoChunk:
         """The chunk with its flow; a lost worker's chunk goes to another live one."""
         for attempt in range(1, FLOW_ATTEMPTS + 1):
@@ -314,15 +319,6 @@ def _start_flow_workers(config: ExtractConfig, workers: int | None, decoders: in
     return _Cluster(flow_workers, names, decoders, window)
 
 
-def write_shard_here(plan: ShardPlan, config: ExtractConfig, flow_worker_names: list[str], out: Storage,
-                     label_map: dict[str, int], metadata: dict[str, str]) -> ShardResult:
-    """A shard task (on whichever node Ray placed it): decode the shard's videos, their flow
-    solved by the flow actors, and write the shard straight to ``out``."""
-    cv2.setNumThreads(1)
-    decoder = DecodeWorker(config, flow_worker_names)  # an object of this task, not an actor
-    return write_shard(out, plan, config, label_map, metadata, ((spec, decoder.decode(spec)) for spec in plan.videos))
-
-
 def ray_write_shards(
     plans: list[ShardPlan],
     config: ExtractConfig,
@@ -344,14 +340,15 @@ def ray_write_shards(
     per CPU); an RGB-only ``config`` has none, ``workers`` (default one per CPU) then counts
     decoders. ``writers``:
 
-    * ``workers``: each shard is a task on a node of the cluster that decodes its videos (flow
-      on the flow actors) and writes the shard straight to ``out``: no byte passes through this
-      process. As many tasks in flight as videos would be; shards complete in any order. A task
-      lost with its node or process runs again from the start, up to ``SHARD_ATTEMPTS`` times;
-      after that the shard's videos fail (stage ``worker``) and the next run writes it again.
-    * ``driver``: ``decoders`` decode actors (default: one per 16 CPU flow actors, or per 4 CPUs
-      beside GPU flow actors) stream every chunk here and this process writes the shards, in
-      order.
+    * ``workers``: each shard is written by a decode actor (``decoders`` of them, spread over
+      the nodes: default one per 16 CPU flow actors, or per 4 CPUs beside GPU flow actors) that
+      decodes its videos (flow on the flow actors) and writes the shard straight to ``out``: no
+      byte passes through this process. As many shards in flight as videos would be (threads of
+      the decoders); shards complete in any order. A shard whose decoder was lost is written
+      again from the start by another, up to ``SHARD_ATTEMPTS`` times; after that its videos
+      fail (stage ``worker``) and the next run writes it again.
+    * ``driver``: the decode actors stream every chunk here and this process writes the shards,
+      in order.
     * ``auto``: ``workers`` when every node can reach ``out`` for sure (object storage, or a
       one-node cluster), else ``driver`` (a local ``--out`` on a cluster may not be shared).
 
@@ -387,33 +384,35 @@ def _write_here(plans, config, out, label_map, metadata, cluster: _Cluster, on_v
 
 
 def _write_on_workers(plans, config, out, label_map, metadata, cluster: _Cluster):
-    # RGB only: decoding is the work, a CPU a task; with flow the flow actors own the cores.
-    task = ray.remote(write_shard_here).options(num_cpus=0 if config.has_flow else 1, max_retries=0, scheduling_strategy="SPREAD")
-    in_flight = cluster.window if config.has_flow else cluster.decoders
-    log.info("ray: up to %d shard tasks at a time, each writing its shard to %s", in_flight, out)
+    decode_workers = start_decoders(config, cluster.names, cluster.decoders, cluster.window)
+    log.info("ray: %d decoders, up to %d shards at a time, each written by its decoder to %s", cluster.decoders, cluster.window, out)
     todo = iter(plans)
-    running: dict = {}  # task -> (plan, attempt)
+    running: dict = {}  # shard write -> (plan, attempt)
 
     def submit(plan: ShardPlan, attempt: int = 1) -> None:
-        running[task.remote(plan, config, cluster.names, out, label_map, metadata)] = (plan, attempt)
+        decoder = decode_workers[(plan.number + attempt - 1) % len(decode_workers)]  # another one on each attempt
+        running[decoder.write.remote(plan, out, label_map, metadata)] = (plan, attempt)
 
-    for plan in itertools.islice(todo, in_flight):
-        submit(plan)
-    while running:
-        [ref], _ = ray.wait(list(running), num_returns=1)
-        plan, attempt = running.pop(ref)
-        try:
-            result = ray.get(ref)
-        except TRANSIENT as e:
-            if attempt < SHARD_ATTEMPTS:
-                log.warning("shard %d lost with its worker (%s), attempt %d of %d", plan.number, type(e).__name__, attempt, SHARD_ATTEMPTS)
-                submit(plan, attempt + 1)
-                continue
-            result = lost_shard(plan, config, f"lost with its worker {SHARD_ATTEMPTS} times: {type(e).__name__}")
-        yield plan, result
-        following = next(todo, None)
-        if following is not None:
-            submit(following)
+    try:
+        for plan in itertools.islice(todo, cluster.window):
+            submit(plan)
+        while running:
+            [ref], _ = ray.wait(list(running), num_returns=1)
+            plan, attempt = running.pop(ref)
+            try:
+                result = ray.get(ref)
+            except TRANSIENT as e:
+                if attempt < SHARD_ATTEMPTS:
+                    log.warning("shard %d lost with its decoder (%s), attempt %d of %d", plan.number, type(e).__name__, attempt, SHARD_ATTEMPTS)
+                    submit(plan, attempt + 1)
+                    continue
+                result = lost_shard(plan, config, f"lost with its decoder {SHARD_ATTEMPTS} times: {type(e).__name__}")
+            yield plan, result
+            following = next(todo, None)
+            if following is not None:
+                submit(following)
+    finally:
+        kill_actors(decode_workers)
 
 
 def start_decoders(config: ExtractConfig, flow_worker_names: list[str], decoders: int, window: int) -> list:

@@ -128,7 +128,7 @@ def test_shards_written_on_the_nodes_are_the_bytes_of_one_process_though_a_node_
     status, stdout, log = run_and_fault([*args, "--out", out, "--workers", 2, "--writers", "workers", "--ray-address", ray_cluster.address],
                                         lambda: ray_cluster.kill_node(ray_cluster.nodes[1]), env=ray_cluster.env)
     assert status == 0, log
-    assert "6 written, 0 failed" in stdout and "each writing its shard" in log
+    assert "6 written, 0 failed" in stdout and "each written by its decoder" in log
     assert_same_shards(out, reference)
     assert (out / "index.parquet").read_bytes() == (reference / "index.parquet").read_bytes()
     assert (out / "plan.parquet").read_bytes() == (reference / "plan.parquet").read_bytes()

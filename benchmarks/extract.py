@@ -104,7 +104,7 @@ def writers_run(src: Path, work: Path, args) -> None:
         # The process without Ray uses what CPU FFmpeg's threads take: its measured share counts as its cores.
         for mode, workers, writers, address, cores in (("one process, no Ray", 0, "driver", None, None),
                                                        ("Ray, driver writes every shard", 2, "driver", cluster.address, 2),
-                                                       ("Ray, tasks on the nodes write", 2, "workers", cluster.address, 2)):
+                                                       ("Ray, decoders on the nodes write", 2, "workers", cluster.address, 2)):
             walls, cpus = [], []
             for r in range(args.repeat):
                 out = work / f"{writers}-{workers}-{r}"

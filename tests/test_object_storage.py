@@ -144,7 +144,7 @@ def test_extract_to_s3_writes_the_bytes_of_a_local_run(on_s3, reference, src):
 
 
 @pytest.mark.ray
-def test_shard_tasks_on_ray_write_straight_to_s3(s3, src, reference):
+def test_decoders_on_ray_write_shards_straight_to_s3(s3, src, reference):
     import ray
 
     out = f"{s3}/runs/ray"

@@ -205,12 +205,12 @@ def read_plan(out: Storage) -> pa.Table:
     return pq.read_table(pa.BufferReader(out.read_bytes(PLAN)), schema=PLAN_SCHEMA) if out.exists(PLAN) else PLAN_SCHEMA.empty_table()
 
 
-def plan_output(out: Storage, specs: list[VideoSpec], config: ExtractConfig, redo: set[str]) -> list[ShardPlan]:
-    """The shards of ``out``: as its stored plan has them, for the videos of ``specs``, then the
-    videos the plan does not hold and those of ``redo`` (in complete shards, but neither written
-    nor settled), planned after it from their headers (:mod:`flowprep.shards.plan`). The plan is
-    stored before any shard is written, so a resumed run writes the same shards."""
-    stored = read_plan(out)
+def plan_output(out: Storage, stored: pa.Table, specs: list[VideoSpec], config: ExtractConfig, redo: set[str]) -> list[ShardPlan]:
+    """The shards of ``out``: as its ``stored`` plan (:func:`read_plan`) has them, for the videos
+    of ``specs``, then the videos the plan does not hold and those of ``redo`` (in complete
+    shards, but neither written nor settled), planned after it from their headers
+    (:mod:`flowprep.shards.plan`). The plan is stored before any shard is written, so a resumed
+    run writes the same shards."""
     if redo:
         stored = stored.filter(pc.invert(pc.is_in(stored["video_id"], pa.array(sorted(redo)))))
     held = set(stored["video_id"].to_pylist())
@@ -302,8 +302,9 @@ def extract(
         # A video lost to cluster faults (stage "worker") is never settled: every run tries it again.
         settled = [] if retry_failed else [f for f in read_failures(out) if f.get("shard") in complete and f.get("stage") != "worker"]
         done = set(index["video_id"].to_pylist()) | {f["video_id"] for f in settled}
-        in_complete = {row["video_id"] for row in read_plan(out).to_pylist() if shard_name(row["shard"], config.format) in complete}
-        plans = plan_output(out, specs, config, redo=in_complete - done)
+        stored = read_plan(out)
+        in_complete = {row["video_id"] for row in stored.to_pylist() if shard_name(row["shard"], config.format) in complete}
+        plans = plan_output(out, stored, specs, config, redo=in_complete - done)
         todo = [plan for plan in plans if shard_name(plan.number, config.format) not in complete and plan.videos]
         videos = sum(len(plan.videos) for plan in todo)
         report = ExtractReport(videos=len(specs) + len(problems), skipped=len(specs) - videos, failed=len(settled),

@@ -70,7 +70,7 @@ def rewrite_as_hdf5(reader: ShardReader, out: Path, config: ExtractConfig) -> in
     hdf5 = ExtractConfig(**{**config.to_dict(), "format": "hdf5"})
     specs = [VideoSpec(v, reader.meta(v)["source"], reader.meta(v)["label"], reader.meta(v)["split"]) for v in reader.video_ids]
     (out / "shards").mkdir(parents=True)
-    result = write_shard(out, ShardPlan(0, tuple(specs), 0), hdf5, reader.label_map, {},
+    result = write_shard(out, ShardPlan(0, tuple(specs)), hdf5, reader.label_map, {},
                          ((spec, _chunks(reader, spec.video_id, config.chunk_frames)) for spec in specs))
     commit_shard(storage(out), result.shard, result.rows)
     return sum(p.stat().st_size for p in (out / "shards").glob("*.h5"))

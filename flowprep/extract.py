@@ -8,7 +8,6 @@ for debugging, this process's own.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import math
@@ -37,7 +36,7 @@ from flowprep.flow import BACKENDS, flow_device, get_backend, resolve_backend_na
 from flowprep.flow.opencv import NO_OPENCV_CUDA, opencv_cuda_devices
 from flowprep.pipeline import ExtractConfig, VideoChunk, video_chunks
 from flowprep.shards.plan import PLAN_SCHEMA, ShardPlan, estimate_bytes, plan_table, replan
-from flowprep.shards.writer import commit_shard, write_shard
+from flowprep.shards.writer import commit_shard, write_in_order
 from flowprep.shards.layout import (
     DATASET_JSON,
     FAILURES,
@@ -306,11 +305,11 @@ def extract(
         in_complete = {row["video_id"] for row in stored.to_pylist() if shard_name(row["shard"], config.format) in complete}
         plans = plan_output(out, stored, specs, config, redo=in_complete - done)
         todo = [plan for plan in plans if shard_name(plan.number, config.format) not in complete and plan.videos]
-        videos = sum(len(plan.videos) for plan in todo)
-        report = ExtractReport(videos=len(specs) + len(problems), skipped=len(specs) - videos, failed=len(settled),
+        todo_videos = [spec for plan in todo for spec in plan.videos]
+        report = ExtractReport(videos=len(specs) + len(problems), skipped=len(specs) - len(todo_videos), failed=len(settled),
                                failures=settled)
         log.info("%d videos found, %d already done (%d of them failed), %d to do in %d shards, %d missing",
-                 len(specs), report.skipped, len(settled), videos, len(todo), len(problems))
+                 len(specs), report.skipped, len(settled), len(todo_videos), len(todo), len(problems))
         position = {spec.video_id: i for i, spec in enumerate(specs)}
 
         # failures.jsonl is written whole (object storage cannot append), in input order whatever
@@ -329,7 +328,7 @@ def extract(
         for problem in problems:
             fail({"video_id": problem.video_id, "source": problem.source, "stage": "source", "error": problem.error, "shard": None})
         write_failures()
-        bar = tqdm(total=videos, unit="video", disable=None if progress is None else not progress, dynamic_ncols=True)
+        bar = tqdm(total=len(todo_videos), unit="video", disable=None if progress is None else not progress, dynamic_ncols=True)
         start = time.perf_counter()
 
         def video_done(row: dict | None) -> None:
@@ -340,9 +339,8 @@ def extract(
 
         metadata = {"flowprep": json.dumps({k: description[k] for k in ("schema_version", "params", "versions")}, sort_keys=True)}
         if workers == 0 or not todo:
-            videos = local_video_chunks([spec for plan in todo for spec in plan.videos], config)  # one flow backend
-            results = ((plan, write_shard(out, plan, config, label_map, metadata, itertools.islice(videos, len(plan.videos)), video_done))
-                       for plan in todo)
+            videos = local_video_chunks(todo_videos, config)  # one flow backend for the run
+            results = write_in_order(out, todo, config, label_map, metadata, videos, video_done)
         else:
             from flowprep.ray_runner import ray_write_shards
 

@@ -1,4 +1,4 @@
-"""Ray wiring: shards written by tasks on the nodes, or decode actors streaming to the driver.
+"""Ray wiring: decode actors write shards on the nodes, or stream their chunks to the driver.
 
 * With ``--writers workers``, a ``DecodeWorker`` writes each planned shard it is given (a
   thread each): it decodes the shard's videos, has their flow solved by the flow actors, and
@@ -19,18 +19,18 @@
 * An RGB-only run (``--flow none``) starts no ``FlowWorker``: the decoders are all the work and
   yield their chunks as decoded, so none of the flow workers' fault handling is involved.
 
-Plain actors and tasks were chosen over Ray Data: shards planned up front, each written whole
-by one task (deterministic shards and exact resume), per-video failure records, and one
-long-lived backend per actor, which the GPU solvers need, are direct here.
+Plain actors were chosen over Ray Data: shards planned up front, each written whole by one
+decoder (deterministic shards and exact resume), per-video failure records, and one long-lived
+backend per actor, which the GPU solvers need, are direct here.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
 import time
-import itertools
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -44,7 +44,7 @@ from flowprep.flow import BACKENDS, get_backend
 from flowprep.flow.batching import PairBatcher
 from flowprep.pipeline import NO_FLOW, ExtractConfig, VideoChunk, decode_chunks, flow_chunk
 from flowprep.shards.plan import ShardPlan
-from flowprep.shards.writer import ShardResult, lost_shard, write_shard
+from flowprep.shards.writer import ShardResult, lost_shard, write_in_order, write_shard
 from flowprep.sources import VideoSpec
 from flowprep.storage import Storage
 
@@ -359,33 +359,26 @@ def ray_write_shards(
     if writers == "auto":
         nodes = sum(node["Alive"] for node in ray.nodes())
         writers = "workers" if not out.local or nodes == 1 else "driver"
+    decode_workers = start_decoders(config, cluster.names, cluster.decoders, cluster.window)
     try:
         if writers == "driver":
-            yield from _write_here(plans, config, out, label_map, metadata, cluster, on_video)
+            log.info("ray: %d decoders, every shard written by this process", cluster.decoders)
+            videos = _in_order([spec for plan in plans for spec in plan.videos], decode_workers, cluster.window)
+            yield from write_in_order(out, plans, config, label_map, metadata, videos, on_video)
         else:
-            for plan, result in _write_on_workers(plans, config, out, label_map, metadata, cluster):
+            log.info("ray: %d decoders, up to %d shards at a time, each written by its decoder to %s", cluster.decoders,
+                     cluster.window, out)
+            for plan, result in _write_on_workers(plans, config, out, label_map, metadata, decode_workers, cluster.window):
                 if on_video:
                     for row in [*result.rows, *[None] * len(result.failures)]:
                         on_video(row)
                 yield plan, result
     finally:
-        kill_actors(cluster.flow_workers)
+        kill_actors(cluster.flow_workers + decode_workers)
 
 
-def _write_here(plans, config, out, label_map, metadata, cluster: _Cluster, on_video):
-    decode_workers = start_decoders(config, cluster.names, cluster.decoders, cluster.window)
-    log.info("ray: %d decoders, every shard written by this process", cluster.decoders)
-    videos = _in_order([spec for plan in plans for spec in plan.videos], decode_workers, cluster.window)
-    try:
-        for plan in plans:
-            yield plan, write_shard(out, plan, config, label_map, metadata, itertools.islice(videos, len(plan.videos)), on_video)
-    finally:
-        videos.close()
-
-
-def _write_on_workers(plans, config, out, label_map, metadata, cluster: _Cluster):
-    decode_workers = start_decoders(config, cluster.names, cluster.decoders, cluster.window)
-    log.info("ray: %d decoders, up to %d shards at a time, each written by its decoder to %s", cluster.decoders, cluster.window, out)
+def _write_on_workers(plans, config, out, label_map, metadata, decode_workers, window: int):
+    """``(plan, result)`` as the ``decode_workers`` complete them, ``window`` shards in flight."""
     todo = iter(plans)
     running: dict = {}  # shard write -> (plan, attempt)
 
@@ -393,26 +386,23 @@ def _write_on_workers(plans, config, out, label_map, metadata, cluster: _Cluster
         decoder = decode_workers[(plan.number + attempt - 1) % len(decode_workers)]  # another one on each attempt
         running[decoder.write.remote(plan, out, label_map, metadata)] = (plan, attempt)
 
-    try:
-        for plan in itertools.islice(todo, cluster.window):
-            submit(plan)
-        while running:
-            [ref], _ = ray.wait(list(running), num_returns=1)
-            plan, attempt = running.pop(ref)
-            try:
-                result = ray.get(ref)
-            except TRANSIENT as e:
-                if attempt < SHARD_ATTEMPTS:
-                    log.warning("shard %d lost with its decoder (%s), attempt %d of %d", plan.number, type(e).__name__, attempt, SHARD_ATTEMPTS)
-                    submit(plan, attempt + 1)
-                    continue
-                result = lost_shard(plan, config, f"lost with its decoder {SHARD_ATTEMPTS} times: {type(e).__name__}")
-            yield plan, result
-            following = next(todo, None)
-            if following is not None:
-                submit(following)
-    finally:
-        kill_actors(decode_workers)
+    for plan in itertools.islice(todo, window):
+        submit(plan)
+    while running:
+        [ref], _ = ray.wait(list(running), num_returns=1)
+        plan, attempt = running.pop(ref)
+        try:
+            result = ray.get(ref)
+        except TRANSIENT as e:
+            if attempt < SHARD_ATTEMPTS:
+                log.warning("shard %d lost with its decoder (%s), attempt %d of %d", plan.number, type(e).__name__, attempt, SHARD_ATTEMPTS)
+                submit(plan, attempt + 1)
+                continue
+            result = lost_shard(plan, config, f"lost with its decoder {SHARD_ATTEMPTS} times: {type(e).__name__}")
+        yield plan, result
+        following = next(todo, None)
+        if following is not None:
+            submit(following)
 
 
 def start_decoders(config: ExtractConfig, flow_worker_names: list[str], decoders: int, window: int) -> list:
@@ -458,7 +448,7 @@ def decode_task(decoder, spec: VideoSpec):
 
 def _in_order(specs, decode_workers, window):
     """``(spec, chunks)`` for each of ``specs`` in order, ``window`` videos in flight over the
-    ``decode_workers`` (stopped when this generator ends)."""
+    ``decode_workers``."""
     pending = deque()
     todo = iter(enumerate(specs))
 
@@ -470,17 +460,14 @@ def _in_order(specs, decode_workers, window):
 
     for _ in range(window):
         submit()
-    try:
-        while pending:
-            spec, first, i = pending.popleft()
-            submit()
+    while pending:
+        spec, first, i = pending.popleft()
+        submit()
 
-            def decode(attempt, spec=spec, first=first, i=i):
-                return first if attempt == 0 else decode_task(decode_workers[(i + attempt) % len(decode_workers)], spec)
+        def decode(attempt, spec=spec, first=first, i=i):
+            return first if attempt == 0 else decode_task(decode_workers[(i + attempt) % len(decode_workers)], spec)
 
-            yield spec, _chunks(spec, decode)
-    finally:
-        kill_actors(decode_workers)
+        yield spec, _chunks(spec, decode)
 
 
 class FlowWindowReader:

@@ -42,11 +42,10 @@ PLAN_SCHEMA = pa.schema([("video_id", pa.string()), ("shard", pa.int64()), ("est
 
 @dataclass(frozen=True)
 class ShardPlan:
-    """Shard ``number``: its ``videos`` in input order, and their estimated stored bytes."""
+    """Shard ``number``: its ``videos`` in input order."""
 
     number: int
     videos: tuple[VideoSpec, ...]
-    estimated_bytes: int
 
 
 def bytes_per_frame_pixel(config: ExtractConfig) -> float:
@@ -86,10 +85,10 @@ def plan_shards(videos: Sequence[tuple[VideoSpec, int]], shard_size: int, first_
         current.append(spec)
         total += estimate
         if total >= shard_size:
-            plans.append(ShardPlan(first_number + len(plans), tuple(current), total))
+            plans.append(ShardPlan(first_number + len(plans), tuple(current)))
             current, total = [], 0
     if current:
-        plans.append(ShardPlan(first_number + len(plans), tuple(current), total))
+        plans.append(ShardPlan(first_number + len(plans), tuple(current)))
     return plans
 
 
@@ -106,12 +105,10 @@ def replan(table: pa.Table, specs: Sequence[VideoSpec], estimates: dict[str, int
     ``estimates`` (which need only cover those)."""
     by_id = {spec.video_id: spec for spec in specs}
     planned: dict[int, list[VideoSpec]] = {}
-    sizes: dict[int, int] = {}
     for row in table.to_pylist():
         planned.setdefault(row["shard"], [])
-        sizes[row["shard"]] = sizes.get(row["shard"], 0) + row["estimated_bytes"]
         if row["video_id"] in by_id:
             planned[row["shard"]].append(by_id.pop(row["video_id"]))
-    plans = [ShardPlan(number, tuple(videos), sizes[number]) for number, videos in sorted(planned.items())]
+    plans = [ShardPlan(number, tuple(videos)) for number, videos in sorted(planned.items())]
     new = [(spec, estimates[spec.video_id]) for spec in specs if spec.video_id in by_id]
     return plans + plan_shards(new, shard_size, first_number=plans[-1].number + 1 if plans else 0)

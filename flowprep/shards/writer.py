@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Callable, Iterable
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -184,6 +185,15 @@ def write_shard(out: str | Path | Storage, plan: ShardPlan, config: ExtractConfi
             on_video(row)
     file.close()
     return result
+
+
+def write_in_order(out: str | Path | Storage, plans: Iterable[ShardPlan], config: ExtractConfig, label_map: dict[str, int],
+                   metadata: dict[str, str], videos: Iterator[tuple[VideoSpec, Iterable[VideoChunk]]],
+                   on_video: Callable[[dict | None], None] | None = None) -> Iterator[tuple[ShardPlan, ShardResult]]:
+    """Write ``plans`` one after the other in this process from ``videos``, the ``(spec, chunks)``
+    of every planned video in plan order; yield each plan with its :class:`ShardResult`."""
+    for plan in plans:
+        yield plan, write_shard(out, plan, config, label_map, metadata, itertools.islice(videos, len(plan.videos)), on_video)
 
 
 def lost_shard(plan: ShardPlan, config: ExtractConfig, error: str) -> ShardResult:

@@ -41,7 +41,7 @@ from flowprep.extract import extend_index, extract
 from flowprep.pipeline import ExtractConfig, VideoChunk
 from flowprep.samples import make_sample_folder
 from flowprep.cli import parse_size
-from flowprep.shards import commit_shard, write_shard
+from flowprep.shards.writer import commit_shard, write_shard
 from flowprep.shards.layout import INDEX_SCHEMA, complete_shards
 from flowprep.shards.plan import ShardPlan
 from flowprep.sources import VideoSpec

@@ -31,12 +31,15 @@ import numpy as np
 import torch
 
 from flowprep.extract import extract
+from flowprep.networks import build_model
 from flowprep.pipeline import ExtractConfig
 from flowprep.samples import make_sample_folder
 from flowprep.shards import ShardReader
 from flowprep.shards.layout import complete_shards
-from flowprep.teacher.models import build_model
-from flowprep.teacher.run import ITEM_VIEWS, TeacherConfig, TeacherModel, compute_targets, plan_items, read_windows
+from flowprep.storage import storage
+from flowprep.teacher.items import plan_items, read_windows, views_per_item
+from flowprep.teacher.model import TeacherConfig, TeacherModel
+from flowprep.teacher.run import compute_targets
 from flowprep.teacher.targets import target_schema, write_target_shard
 from flowprep.teacher.views import ViewGrid
 from results import write_results
@@ -56,12 +59,11 @@ def bare_loop(model: TeacherModel, batches: list[torch.Tensor]) -> float:
 
 def in_memory_batches(out: Path, config: TeacherConfig, model: TeacherModel) -> list[torch.Tensor]:
     reader = ShardReader(out)
-    views_per_item = config.batch_size * max(1, round(ITEM_VIEWS / config.batch_size))
     inputs = []
-    for item in plan_items(reader, complete_shards(out), config.grid, views_per_item):
+    for item in plan_items(reader, complete_shards(out), config.grid, views_per_item(config.batch_size)):
         for w in read_windows(reader, item, config.grid):
             frames = torch.from_numpy(w.frames).to(model.device)
-            inputs += [model.clip(frames, w.clips[v], view) for v, view in enumerate(w.segment.views)]
+            inputs += [model.clip(frames, w.rows[v], view) for v, view in enumerate(w.segment.views)]
     return [torch.stack(inputs[b : b + config.batch_size]) for b in range(0, len(inputs), config.batch_size)]
 
 
@@ -72,7 +74,7 @@ def storage_per_video(outputs: dict[str, int], folder: Path) -> int:
     values = {k: np.zeros((len(views), d), np.float16) for k, d in outputs.items()}
     rows = [{"video_id": views[0][0], "shard": "shards/shard-00000.arrow", "row": 0, "views": len(views),
              "positions": 249, "height": 256, "width": 340}]
-    write_target_shard(folder, "shards/shard-00000.arrow", views, values, target_schema(outputs), rows)
+    write_target_shard(storage(folder), "shards/shard-00000.arrow", views, values, target_schema(outputs), rows)
     return (folder / "shards/shard-00000.arrow").stat().st_size
 
 

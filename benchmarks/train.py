@@ -35,7 +35,7 @@ from flowprep import ClipDataset, ClipSampler
 from flowprep.extract import extract
 from flowprep.pipeline import ExtractConfig
 from flowprep.samples import make_sample_folder
-from flowprep.teacher.models import build_model
+from flowprep.networks import build_model
 from flowprep.teacher.run import TeacherConfig, compute_targets
 from flowprep.teacher.views import ViewGrid
 from flowprep.train import to_device

@@ -297,7 +297,7 @@ def teacher_command(out, name, model, checkpoint, num_classes, clip_len, frame_s
     Rerunning the same command resumes; other options under the same NAME are refused unless
     --overwrite. A video whose flow cannot be read is a line in the teacher's failures.jsonl.
     """
-    from flowprep.teacher.models import MODELS, CheckpointMismatch
+    from flowprep.networks import MODELS, CheckpointMismatch
     from flowprep.teacher.run import TeacherConfig, TeacherMismatch, compute_targets
     from flowprep.teacher.views import ViewGrid
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from flowprep.clips import clip_indices, clip_span, float_flow, flow_lookup_tables
 from flowprep.shards.reader import ShardReader
 
 # Mean and std of RGB on the [0, 1] scale.
@@ -49,22 +50,6 @@ def _configure_worker_threads() -> None:
             if cv2.getNumThreads() != 1:
                 cv2.setNumThreads(1)
             torch.set_num_threads(1)
-
-
-def flow_lookup_tables(normalize: bool = True) -> dict[bool, np.ndarray]:
-    """Stored uint8 flow ``q`` to a clip's value, ``[2, 256]`` (x, y) for unflipped (``False``) and
-    flipped (``True``) clips: float32 ``q / 127.5 - 1`` with x negated when flipped, or, unnormalized,
-    uint8 ``q`` with ``255 - q`` for flipped x. The teacher precompute uses the same tables."""
-    levels = np.arange(256)
-    if not normalize:
-        return {False: np.stack([levels, levels]).astype(np.uint8), True: np.stack([255 - levels, levels]).astype(np.uint8)}
-    flow = (levels / 127.5 - 1).astype(np.float32)
-    return {False: np.stack([flow, flow]), True: np.stack([-flow, flow])}
-
-
-def clip_indices(length: int, clip_len: int, stride: int, start: int) -> np.ndarray:
-    """Frame indices of a clip: ``start + stride * j`` for ``j < clip_len``, wrapped at ``length``."""
-    return (start + stride * np.arange(clip_len)) % length
 
 
 class ClipDataset(Dataset):
@@ -220,8 +205,7 @@ class ClipDataset(Dataset):
         return meta["num_frames"] - 1 if "flow" in self.modalities or self.targets else meta["num_frames"]
 
     def _start(self, length: int, clip: int, rng: np.random.Generator) -> int:
-        span = (self.clip_len - 1) * self.frame_stride + 1
-        room = max(length - span, 0)
+        room = max(length - clip_span(self.clip_len, self.frame_stride), 0)
         if self.train:
             return int(rng.integers(0, room + 1))
         if self.num_clips == 1:
@@ -270,11 +254,8 @@ class ClipDataset(Dataset):
             if stored.dtype == np.uint8:
                 item["flow"] = self._values(stored, flip, self._flow_luts[flip])
             else:  # float16 shards: pixels / bound
-                flow = np.clip(stored[..., ::-1] if flip else stored, -reader.flow_bound, reader.flow_bound).astype(np.float32)
-                flow /= reader.flow_bound
-                if flip:
-                    flow[0] *= -1
-                item["flow"] = torch.from_numpy(np.ascontiguousarray(flow))
+                item["flow"] = float_flow(torch.from_numpy(np.ascontiguousarray(stored[..., ::-1] if flip else stored)),
+                                          reader.flow_bound, flip)
         return item
 
     @staticmethod

@@ -27,3 +27,9 @@ class OptionError(ValueError):
 
     def __reduce__(self):  # pickled (e.g. by Ray) with its option
         return type(self), (str(self), self.option)
+
+
+class WorkerError(VideoError):
+    """A video lost to cluster faults on every attempt; a later run tries it again."""
+
+    stage = "worker"

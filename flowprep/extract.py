@@ -2,7 +2,7 @@
 
 The driver here owns the output folder: it checks the parameters against an existing run, skips
 videos already in complete shards, writes results in input order and records every failure. The
-work itself comes from an iterator of ``(spec, chunks)``: Ray's (:mod:`flowprep.ray_runner`) or,
+work itself comes from an iterator of ``(spec, chunks)``: Ray's (:mod:`flowprep.extract_actors`) or,
 for debugging, this process's own.
 """
 
@@ -12,34 +12,28 @@ import json
 import logging
 import math
 import os
-import platform
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import av
 import cv2
-import h5py
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
 from tqdm import tqdm
 
-import flowprep
 from flowprep.errors import OptionError
 from flowprep.lock import output_lock
 from flowprep.flow import BACKENDS, flow_device, get_backend, resolve_backend_name
 from flowprep.flow.opencv import NO_OPENCV_CUDA, opencv_cuda_devices
 from flowprep.pipeline import ExtractConfig, VideoChunk, video_chunks
+from flowprep.provenance import versions
 from flowprep.shards.plan import PLAN_SCHEMA, ShardPlan, estimate_bytes, plan_table, replan
 from flowprep.shards.writer import commit_shard, write_in_order
 from flowprep.shards.layout import (
     DATASET_JSON,
-    FAILURES,
     INDEX,
     SCHEMA_VERSION,
     INDEX_SCHEMA,
@@ -47,6 +41,7 @@ from flowprep.shards.layout import (
     SHARDS,
     complete_shards,
     damaged_shards,
+    description_difference,
     output_files,
     read_dataset_json,
     read_failures,
@@ -54,6 +49,7 @@ from flowprep.shards.layout import (
     remove_leftovers,
     remove_output,
     shard_name,
+    write_failures,
     write_json,
     write_table,
 )
@@ -119,20 +115,6 @@ def resolve_config(config: ExtractConfig, gpus: int | None = None) -> ExtractCon
     return ExtractConfig(**{**config.to_dict(), "flow_backend": name, "flow_params": params})
 
 
-def versions() -> dict[str, str]:
-    return {
-        "flowprep": flowprep.__version__,
-        "python": platform.python_version(),
-        "opencv": cv2.__version__,
-        "pyav": av.__version__,
-        "ffmpeg": str(av.ffmpeg_version_info),
-        "numpy": np.__version__,
-        "pyarrow": pa.__version__,
-        "h5py": h5py.__version__,
-        "torch": torch.__version__,
-    }
-
-
 def describe_run(config: ExtractConfig, label_map: dict[str, int], src, annotations, labels_file, gpus: int | None = None) -> dict:
     """The content of dataset.json: what a run makes and how, to reproduce it. ``has_flow`` is
     what readers go by (:func:`~flowprep.shards.layout.has_flow`)."""
@@ -174,22 +156,16 @@ def prepare_output(out: Storage, description: dict, overwrite: bool) -> None:
     if overwrite:
         remove_output(out)
     elif previous is not None:
-        for key in ("schema_version", "params", "label_map"):
-            if previous.get(key) != description[key]:
-                raise OutputMismatch(f"{out} holds a run with other {key}: {_difference(previous.get(key), description[key])}. "
-                                     "Use another --out, the same options, or --overwrite to delete that run and start over.")
+        changed = description_difference(previous, description, ("schema_version", "params", "label_map"))
+        if changed:
+            raise OutputMismatch(f"{out} holds a run with other {changed[0]}: {changed[1]}. "
+                                 "Use another --out, the same options, or --overwrite to delete that run and start over.")
         for key in ("versions", "flow"):
-            if previous.get(key) != description[key]:
-                log.warning("%s was started with other %s: %s", out, key, _difference(previous.get(key), description[key]))
+            changed = description_difference(previous, description, (key,))
+            if changed:
+                log.warning("%s was started with other %s: %s", out, key, changed[1])
     out.makedirs()
     write_json(out, DATASET_JSON, description)
-
-
-def _difference(old, new) -> str:
-    if isinstance(old, dict) and isinstance(new, dict):
-        keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-        return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:8])
-    return f"{old!r} -> {new!r}"
 
 
 def local_video_chunks(specs: Iterable[VideoSpec], config: ExtractConfig) -> Iterator[tuple[VideoSpec, Iterator[VideoChunk]]]:
@@ -254,7 +230,7 @@ def extract(
     """Extract every video under ``src`` into shards under ``out``; see the CLI's ``extract --help``.
 
     ``workers=0`` computes in this process without Ray; ``writers`` says where Ray runs write
-    shards (:func:`~flowprep.ray_runner.ray_write_shards`). Videos already in complete shards of
+    shards (:func:`~flowprep.extract_actors.ray_write_shards`). Videos already in complete shards of
     ``out`` are skipped; each failed video is a line of ``out/failures.jsonl`` and in the report.
     A video that failed while a now complete shard was written is not tried again unless
     ``retry_failed``: so a resumed run writes the same bytes as an uninterrupted one. One run
@@ -268,7 +244,7 @@ def extract(
         raise OptionError(HDF5_NEEDS_LOCAL, "format")
     gpus = None  # this machine's, unless a Ray cluster runs the flow
     if workers != 0 and (ray_address or os.environ.get("RAY_ADDRESS")):
-        from flowprep.ray_runner import cluster_gpus, start_ray
+        from flowprep.cluster import cluster_gpus, start_ray
 
         start_ray(ray_address)
         gpus = cluster_gpus()
@@ -316,9 +292,9 @@ def extract(
         # order shards complete in: the kept failures at once, then all of them before each shard
         # is committed, so that a complete shard's failures are never lost (a kill loses only those
         # of incomplete shards, which a rerun redoes), and at the end.
-        def write_failures() -> None:
+        def save_failures() -> None:
             ordered = sorted(report.failures, key=lambda f: position.get(f["video_id"], -1))
-            out.write(FAILURES, "".join(json.dumps(entry) + "\n" for entry in ordered).encode())
+            write_failures(out, ordered)
 
         def fail(entry: dict) -> None:
             report.failures.append(entry)
@@ -327,7 +303,7 @@ def extract(
 
         for problem in problems:
             fail({"video_id": problem.video_id, "source": problem.source, "stage": "source", "error": problem.error, "shard": None})
-        write_failures()
+        save_failures()
         bar = tqdm(total=len(todo_videos), unit="video", disable=None if progress is None else not progress, dynamic_ncols=True)
         start = time.perf_counter()
 
@@ -342,7 +318,7 @@ def extract(
             videos = local_video_chunks(todo_videos, config)  # one flow backend for the run
             results = write_in_order(out, todo, config, label_map, metadata, videos, video_done)
         else:
-            from flowprep.ray_runner import ray_write_shards
+            from flowprep.extract_actors import ray_write_shards
 
             results = ray_write_shards(todo, config, out, label_map, metadata, workers, decoders, ray_address, gpu_share,
                                        writers, video_done)
@@ -350,7 +326,7 @@ def extract(
             for entry in result.failures:
                 fail(entry)
             if result.written:
-                write_failures()
+                save_failures()
                 commit_shard(out, result.shard, result.rows)
                 index = extend_index(out, index, result.rows)
                 log.info("shard complete: %s", result.shard)
@@ -361,7 +337,7 @@ def extract(
                 report.bytes_written += row["bytes"]
             report.seconds = time.perf_counter() - start
             bar.set_postfix(frames=report.frames, failed=report.failed)
-        write_failures()
+        save_failures()
         bar.close()
         return report
 

@@ -48,9 +48,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
+from flowprep.clips import unit_range
 from flowprep.dataset import ClipDataset, ClipSampler
-from flowprep.teacher.models import load_weights
-from flowprep.teacher.run import resolve_device
+from flowprep.devices import resolve_device
+from flowprep.networks import load_weights
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
@@ -220,7 +221,7 @@ def to_device(batch: dict, device: torch.device) -> dict:
     out = dict(batch)
     for key, value in batch.items():
         if key in ("rgb", "flow"):
-            out[key] = value.to(device, non_blocking=True).float().div_(127.5).sub_(1)
+            out[key] = unit_range(value.to(device, non_blocking=True))
         elif key == "label" or key.startswith("teacher_"):
             out[key] = value.to(device, non_blocking=True)
     return out

@@ -36,8 +36,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from flowprep import ClipDataset, ClipSampler
-from flowprep.teacher.models import build_model, checkpoint_num_classes, load_state, load_weights
-from flowprep.teacher.run import resolve_device
+from flowprep.devices import resolve_device
+from flowprep.networks import build_model, checkpoint_num_classes, load_state, load_weights
 
 OUTPUT_STRIDE = 4  # decoder output = crop / 4 pixels a side
 

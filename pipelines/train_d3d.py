@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from flowprep import train
 from flowprep.dataset import ClipDataset
-from flowprep.teacher.models import OutputTaps, build_model
+from flowprep.networks import OutputTaps, build_model
 
 
 class Student(nn.Module):

@@ -23,7 +23,7 @@ import argparse
 from torch import nn
 
 from flowprep import train
-from flowprep.teacher.models import build_model, sequence_logits
+from flowprep.networks import build_model, sequence_logits
 
 
 def flow_step(net: nn.Module, batch: dict) -> train.StepOutput:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import ray
 
-from flowprep.ray_runner import kill_actors
+from flowprep.cluster import kill_actors
 from flowprep.samples import sample_clip
 from flowprep.shards import ShardReader
 from flowprep.shards.layout import complete_shards

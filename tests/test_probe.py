@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowprep.teacher.models import build_model
+from flowprep.networks import build_model
 
 PROBE = Path(__file__).resolve().parents[1] / "pipelines" / "probe_motion.py"
 sys.path.insert(0, str(PROBE.parent))

@@ -14,7 +14,7 @@ import torch
 
 from flowprep import ClipDataset, ShardReader
 from flowprep.shards.layout import complete_shards
-from flowprep.teacher.models import build_model, sequence_logits
+from flowprep.networks import build_model, sequence_logits
 from flowprep.teacher.run import TeacherConfig, compute_targets
 from flowprep.teacher.targets import TeacherTargets, list_teachers
 from flowprep.teacher.views import View, ViewGrid

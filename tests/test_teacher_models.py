@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from flowprep.teacher.models import (
+from flowprep.networks import (
     END_POINTS,
     MODELS,
     S3DG,

@@ -386,7 +386,7 @@ def test_gpu_flow_workers_wiring_on_a_cluster_that_declares_a_gpu(kinetics_folde
 
     from flowprep.extract import extract
     from flowprep.pipeline import ExtractConfig
-    from flowprep.ray_runner import ray_write_shards
+    from flowprep.extract_actors import ray_write_shards
     from flowprep.storage import storage
 
     config = ExtractConfig(short_side=48, max_frames=10, chunk_frames=4, flow_backend="torch",

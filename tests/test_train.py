@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from flowprep import ClipDataset
-from flowprep.teacher.models import build_model, load_state, load_weights, sequence_logits
-from flowprep.teacher.run import file_sha256
+from flowprep.networks import build_model, load_state, load_weights, sequence_logits
+from flowprep.provenance import file_sha256
 from flowprep.teacher.targets import TeacherTargets
 
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"

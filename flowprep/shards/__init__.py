@@ -1,6 +1,7 @@
-"""Shard files: the layout of an output folder, its plan, its writer and its reader."""
+"""Shard files: the layout of an output folder (``layout``), its plan (``plan``), its writer
+(``writer``) and its reader. Only the reader is imported here: reading shards needs neither a
+video decoder nor a flow solver."""
 
 from flowprep.shards.reader import ShardReader
-from flowprep.shards.writer import commit_shard, write_shard
 
-__all__ = ["ShardReader", "commit_shard", "write_shard"]
+__all__ = ["ShardReader"]

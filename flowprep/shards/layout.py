@@ -214,6 +214,20 @@ def remove_output(out: str | Path | Storage) -> None:
         store.remove_empty_folder(folder)
 
 
+def description_difference(previous: dict, description: dict, keys) -> tuple[str, str] | None:
+    """The first of ``keys`` whose value differs between two descriptions (dataset.json,
+    teacher.json), with what changed (``"name: old -> new, ..."`` for dicts); ``None`` when they agree."""
+    for key in keys:
+        old, new = previous.get(key), description[key]
+        if old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            names = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+            return key, ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in names[:8])
+        return key, f"{old!r} -> {new!r}"
+    return None
+
+
 def write_json(out: str | Path | Storage, name: str, obj: dict) -> None:
     """``obj`` as ``<out>/<name>``, standard JSON: a NaN or infinity is an error, never written."""
     storage(out).write(name, (json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
@@ -248,10 +262,16 @@ def remove_leftovers(out: str | Path | Storage) -> list[Path | str]:
     return [store / name for name in removed]
 
 
+def write_failures(out: str | Path | Storage, entries: list[dict]) -> None:
+    """``<out>/failures.jsonl``, one JSON object a line, written whole (object storage cannot
+    append): a kill leaves the old file or the new one."""
+    storage(out).write(FAILURES, "".join(json.dumps(entry) + "\n" for entry in entries).encode())
+
+
 def read_failures(out: str | Path | Storage) -> list[dict]:
     """The records of ``<out>/failures.jsonl`` (none when it does not exist). A last line without
-    its newline was cut by a kill or a full disk (``flowprep teacher`` appends to its file): it is
-    left out, and its video is redone."""
+    its newline (from a file written by appending, as earlier versions did) is left out, and its
+    video is redone."""
     store = storage(out)
     lines = store.read_bytes(FAILURES).decode().split("\n")[:-1] if store.exists(FAILURES) else []
     return [json.loads(line) for line in lines if line.strip()]

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flowprep.shards.layout import DATASET_JSON, INDEX, TEACHER_JSON, TEACHERS, index_part, write_table
-from flowprep.storage import storage
+from flowprep.storage import Storage, storage
 from flowprep.teacher.views import View, ViewGrid
 
 TEACHER_SCHEMA_VERSION = 1
@@ -66,16 +66,16 @@ def target_schema(outputs: dict[str, int], metadata: dict[str, str] | None = Non
     return pa.schema(fields, metadata=metadata)
 
 
-def source_checksums(out: Path) -> dict[str, str]:
+def source_checksums(out: Storage) -> dict[str, str]:
     """What the targets were computed from: sha256 of the shards' dataset.json and of their
     index's ``video_id checksum`` lines (so re-extracted frames show as a change)."""
-    index = pq.read_table(out / INDEX, columns=["video_id", "checksum"]).to_pylist()
+    index = pq.read_table(pa.BufferReader(out.read_bytes(INDEX)), columns=["video_id", "checksum"]).to_pylist()
     lines = "".join(f"{r['video_id']} {r['checksum']}\n" for r in sorted(index, key=lambda r: r["video_id"]))
-    return {"dataset_json_sha256": hashlib.sha256((out / DATASET_JSON).read_bytes()).hexdigest(),
+    return {"dataset_json_sha256": hashlib.sha256(out.read_bytes(DATASET_JSON)).hexdigest(),
             "index_sha256": hashlib.sha256(lines.encode()).hexdigest()}
 
 
-def write_target_shard(folder: Path, shard: str, views: list[tuple[str, View]], outputs: dict[str, np.ndarray],
+def write_target_shard(folder: Storage, shard: str, views: list[tuple[str, View]], outputs: dict[str, np.ndarray],
                        schema: pa.Schema, index_rows: list[dict]) -> None:
     """Publish a target shard: ``views`` (video id, view) in row order and ``outputs`` name ->
     ``[rows, dim]`` float16; its index part first, so the shard is visible only once indexed."""
@@ -87,9 +87,9 @@ def write_target_shard(folder: Path, shard: str, views: list[tuple[str, View]], 
     sink = pa.BufferOutputStream()
     with pa.ipc.new_file(sink, schema) as writer:
         writer.write_batch(pa.record_batch(columns, schema=schema))
-    (folder / shard).parent.mkdir(parents=True, exist_ok=True)
+    folder.makedirs(str(Path(shard).parent))
     write_table(folder, index_part(shard), pa.Table.from_pylist(index_rows, schema=TARGET_INDEX_SCHEMA))
-    storage(folder).write(shard, sink.getvalue().to_pybytes())
+    folder.write(shard, sink.getvalue().to_pybytes())
 
 
 class TeacherTargets:

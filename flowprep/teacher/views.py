@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from flowprep.clips import clip_span
+
 
 VIEWS_RULE = ("starts every window_stride flow positions while the clip fits (start 0 only, wrapped, for a video "
               "shorter than the clip span); crops positions spread evenly along the long side, both ends included "
@@ -53,7 +55,7 @@ class ViewGrid:
     @property
     def span(self) -> int:
         """Flow positions one clip covers, first to last inclusive."""
-        return (self.clip_len - 1) * self.frame_stride + 1
+        return clip_span(self.clip_len, self.frame_stride)
 
     def starts(self, positions: int) -> range:
         return range(0, max(positions - self.span, 0) + 1, self.window_stride)

@@ -1,4 +1,4 @@
-"""3D CNNs for D3D distillation: an I3D flow teacher and an S3D-G student, plus checkpoint and tap helpers.
+"""The networks of D3D: an I3D flow teacher and S3D-G (teacher or student), imported by the teacher precompute, the training jobs and the probe; checkpoint and tap helpers.
 
 Both networks are Inception-v1 inflated to 3D with TensorFlow "SAME" padding, and share the
 end-point names of piergiaj/pytorch-i3d (``Conv3d_1a_7x7`` ... ``Mixed_5c``, classifier ``logits``):

@@ -1,4 +1,4 @@
-"""Ray wiring: decode actors write shards on the nodes, or stream their chunks to the driver.
+"""Extract's Ray actors: decode actors write shards on the nodes, or stream their chunks to the driver.
 
 * With ``--writers workers``, a ``DecodeWorker`` writes each planned shard it is given (a
   thread each): it decodes the shard's videos, has their flow solved by the flow actors, and
@@ -21,7 +21,8 @@
 
 Plain actors were chosen over Ray Data: shards planned up front, each written whole by one
 decoder (deterministic shards and exact resume), per-video failure records, and one long-lived
-backend per actor, which the GPU solvers need, are direct here.
+backend per actor, which the GPU solvers need, are direct here. What both jobs share (starting
+Ray, sizing, waiting for workers, cluster faults) is :mod:`flowprep.cluster`.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ from dataclasses import dataclass
 import cv2
 import ray
 
-from flowprep.errors import DecodeError, VideoError
+from flowprep.cluster import TRANSIENT, WORKER_WAIT_S, cluster_cpus, cluster_gpus, in_order, kill_actors, start_ray, \
+    video_error, wait_for_workers, worker_count
+from flowprep.errors import DecodeError, VideoError, WorkerError
 from flowprep.flow import BACKENDS, get_backend
 from flowprep.flow.batching import PairBatcher
 from flowprep.pipeline import NO_FLOW, ExtractConfig, VideoChunk, decode_chunks, flow_chunk
@@ -65,18 +68,6 @@ GPU_CHUNKS = 2 * GPU_VIDEOS * FLOW_LOOKAHEAD
 FLOW_ATTEMPTS = 4
 VIDEO_ATTEMPTS = 3
 SHARD_ATTEMPTS = 3
-# How long a run waits for a flow worker when it has none (starting, or restarting after a lost
-# node): a cluster that autoscales or restarts a node has this long to bring one back.
-WORKER_WAIT_S = float(os.environ.get("FLOWPREP_WORKER_WAIT_S", 600))
-# Faults of the cluster, not of the video: the work is done again elsewhere.
-TRANSIENT = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError,
-             ray.exceptions.NodeDiedError)
-
-
-class WorkerError(VideoError):
-    """A video lost to cluster faults on every attempt; a later run tries it again."""
-
-    stage = "worker"
 
 
 class FlowWorker:
@@ -207,41 +198,6 @@ class DecodeWorker:
             return result
 
 
-def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to ``address`` (or ``$RAY_ADDRESS``), or start a local Ray with ``num_cpus``.
-
-    A cluster that cannot be reached is a ``ValueError`` saying what to check: since Ray 2.60 a
-    machine holding ``~/.ray/auth_token`` starts clusters with token authentication, which a
-    client without the token cannot pass.
-    """
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        try:
-            ray.init(address=address, logging_level=logging.WARNING)
-        except ConnectionError as e:
-            raise ValueError(f"cannot connect to the Ray cluster at {address}: {str(e).splitlines()[0]}. Check the "
-                             "address; a cluster started with token authentication (Ray >= 2.60, ~/.ray/auth_token) "
-                             "needs RAY_AUTH_MODE=token and the same token here") from None
-    else:
-        # "local": a Ray of its own, never one that `ray start` left on this machine (alive or dead).
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
-
-
-def cluster_gpus() -> int:
-    """GPUs in the Ray cluster this process is connected to."""
-    return int(ray.cluster_resources().get("GPU", 0))
-
-
-def _video_error(e: Exception) -> VideoError:
-    if isinstance(e, ray.exceptions.RayTaskError) and isinstance(e.cause, VideoError):
-        return e.cause
-    if isinstance(e, TRANSIENT):
-        return WorkerError(f"worker process died: {e.__class__.__name__}")
-    return WorkerError(str(e).splitlines()[0])
-
-
 def _chunks(spec: VideoSpec, decode) -> Iterator[VideoChunk]:
     """The chunks of ``spec`` from ``decode(attempt)`` (a decode task's generator). A decoder lost
     on the way (its node gone) or a chunk lost with a node is a cluster fault: the video is
@@ -265,7 +221,7 @@ def _chunks(spec: VideoSpec, decode) -> Iterator[VideoChunk]:
         except ray.exceptions.RayError as e:  # the video's own error
             for _ in generator:  # let the decoder finish this video rather than block on backpressure
                 pass
-            raise _video_error(e) from None
+            raise video_error(e) from None
     raise WorkerError(f"lost with its decoder {VIDEO_ATTEMPTS} times: {type(error).__name__}")
 
 
@@ -284,14 +240,11 @@ def _start_flow_workers(config: ExtractConfig, workers: int | None, decoders: in
                         gpu_share: int) -> _Cluster:
     # --workers counts CPUs for the CPU solver and for RGB only; GPU solvers leave every CPU to the decoders.
     start_ray(address, workers if config.flow_backend in ("opencv", NO_FLOW) else None)
-    cpus, gpus = int(ray.cluster_resources().get("CPU", 0)), cluster_gpus()
+    cpus, gpus = cluster_cpus(), cluster_gpus()
     on_gpu = config.flow_backend == "opencv-cuda" or (config.flow_backend == "torch" and gpus > 0)
     if on_gpu and not gpus:
         raise ValueError(f"--flow {config.flow_backend} needs a GPU; the Ray cluster has none")
-    have, unit = (gpus * gpu_share, f"GPU shares ({gpu_share} a GPU)") if on_gpu else (cpus, "CPUs")
-    if workers and workers > have:
-        raise ValueError(f"--workers {workers} needs {workers} {unit}; the Ray cluster has {have}")
-    workers = workers or max(1, have)
+    workers = worker_count(workers, *((gpus * gpu_share, f"GPU shares ({gpu_share} a GPU)") if on_gpu else (cpus, "CPUs")))
     if not config.has_flow:
         # Decoding is all the work: a decoder per worker, each with two videos in flight (one
         # decoding while the other waits to be written).
@@ -417,31 +370,6 @@ def start_decoders(config: ExtractConfig, flow_worker_names: list[str], decoders
     return actors
 
 
-def wait_for_workers(actors, what: str) -> list[str]:
-    """Wait until one of ``actors`` (with a ``device`` method) is placed and started; returns the
-    devices of those started. The others join as the cluster frees resources for them: a run
-    starts with what it can get. Says every 10 s what it waits for; ``WorkerError`` after
-    ``WORKER_WAIT_S``. An actor whose constructor fails raises its error here."""
-    pending = {actor.device.remote(): actor for actor in actors}
-    devices: list[str] = []
-    deadline = time.monotonic() + WORKER_WAIT_S
-    while not devices:
-        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=10)
-        devices += ray.get(ready)
-        for ref in ready:
-            del pending[ref]
-        if devices:
-            break
-        if time.monotonic() > deadline:
-            raise WorkerError(f"none of {len(actors)} {what} could start in {WORKER_WAIT_S:.0f} s: the cluster has "
-                              f"{ray.available_resources()} free of {ray.cluster_resources()}")
-        log.warning("waiting for %s: none of %d started yet; free in the cluster: %s (another job may hold them)",
-                    what, len(actors), {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")})
-    if pending:
-        log.warning("%d of %d %s started; the other %d join when the cluster has room", len(devices), len(actors), what, len(pending))
-    return devices
-
-
 def decode_task(decoder, spec: VideoSpec):
     return decoder.decode.options(_generator_backpressure_num_objects=BACKPRESSURE_CHUNKS).remote(spec)
 
@@ -449,114 +377,13 @@ def decode_task(decoder, spec: VideoSpec):
 def _in_order(specs, decode_workers, window):
     """``(spec, chunks)`` for each of ``specs`` in order, ``window`` videos in flight over the
     ``decode_workers``."""
-    pending = deque()
-    todo = iter(enumerate(specs))
 
-    def submit() -> None:
-        item = next(todo, None)
-        if item is not None:
-            i, spec = item
-            pending.append((spec, decode_task(decode_workers[i % len(decode_workers)], spec), i))
+    def submit(i: int, spec: VideoSpec):
+        return i, decode_task(decode_workers[i % len(decode_workers)], spec)
 
-    for _ in range(window):
-        submit()
-    while pending:
-        spec, first, i = pending.popleft()
-        submit()
+    for spec, (i, first) in in_order(specs, submit, window):
 
         def decode(attempt, spec=spec, first=first, i=i):
             return first if attempt == 0 else decode_task(decode_workers[(i + attempt) % len(decode_workers)], spec)
 
         yield spec, _chunks(spec, decode)
-
-
-class FlowWindowReader:
-    """Reads the stored flow of teacher work items (:func:`flowprep.teacher.run.read_windows`)."""
-
-    def __init__(self, out: str, grid):
-        cv2.setNumThreads(1)
-        from flowprep.shards import ShardReader
-
-        self.reader, self.grid = ShardReader(out), grid
-
-    def read(self, item):
-        from flowprep.teacher.run import read_windows
-
-        return read_windows(self.reader, item, self.grid)
-
-
-class TeacherWorker:
-    """One teacher model on a GPU, or on one CPU core, run over the windows of work items."""
-
-    def __init__(self, config, state, num_classes: int, flow_bound: float, device: str, threads: int | None):
-        from flowprep.teacher.run import TeacherModel
-
-        self.model = TeacherModel(config, state, num_classes, flow_bound, device, threads)
-
-    def run(self, windows):
-        return self.model.run(windows)
-
-
-def ray_teacher_outputs(items, out, config, state, num_classes: int, flow_bound: float, device: str,
-                        workers: int | None = None, address: str | None = None):
-    """``(item, outputs)`` for each work item of ``items``, in order, computed by Ray actors.
-
-    Model actors: ``workers`` of them (default one per GPU of the cluster when ``device`` is
-    ``cuda``, else one per CPU, each with one torch thread); readers: one per 4 CPUs beside GPU
-    actors, one per 8 CPU actors otherwise. Each item is read by a reader and its windows go
-    straight to a model actor (the driver never holds the flow); ``2 x workers + readers`` items
-    are in flight, consumed in order.
-    """
-    start_ray(address, workers if device == "cpu" else None)
-    cpus, gpus = int(ray.cluster_resources().get("CPU", 0)), cluster_gpus()
-    on_gpu = device.startswith("cuda")
-    if on_gpu and not gpus:
-        raise ValueError("--device cuda: the Ray cluster has no GPU")
-    have = gpus if on_gpu else cpus
-    if workers and workers > have:
-        raise ValueError(f"--workers {workers} needs {workers} {'GPUs' if on_gpu else 'CPUs'}; the Ray cluster has {have}")
-    workers = workers or max(1, have)
-    readers = max(1, cpus // 4) if on_gpu else max(1, workers // 8)
-    state_ref = ray.put(state)
-    resources = {"num_cpus": 1, "num_gpus": 1} if on_gpu else {"num_cpus": 1}
-    models = [ray.remote(TeacherWorker).options(max_restarts=-1, **resources)
-              .remote(config, state_ref, num_classes, flow_bound, device, None if on_gpu else 1) for _ in range(workers)]
-    window_readers = [ray.remote(FlowWindowReader).options(num_cpus=0, max_restarts=-1, scheduling_strategy="SPREAD")
-                      .remote(str(out), config.grid) for _ in range(readers)]
-    ray.get([a.__ray_ready__.remote() for a in models + window_readers])
-    log.info("ray: %d teacher workers on %s, %d readers", workers, device, readers)
-    return _teacher_in_order(items, window_readers, models, state_ref)
-
-
-def _teacher_in_order(items, readers, models, state_ref):
-    """Items in flight, results in order. Holds ``state_ref`` (the weights) so that a restarted
-    model actor can be constructed again."""
-    pending = deque()
-    try:
-        for i, item in enumerate(items):
-            windows = readers[i % len(readers)].read.remote(item)
-            pending.append((item, models[i % len(models)].run.remote(windows)))
-            if len(pending) > 2 * len(models) + len(readers):
-                yield _teacher_result(*pending.popleft())
-        while pending:
-            yield _teacher_result(*pending.popleft())
-    finally:
-        kill_actors(models + readers)
-
-
-def kill_actors(actors) -> None:
-    """Stop ``actors``, unless Ray is already down: ``ray.kill`` would then start a new local Ray."""
-    if ray.is_initialized():
-        for actor in actors:
-            ray.kill(actor)
-
-
-def _teacher_result(item, ref):
-    """The outputs of ``item``; a dead or failing worker fails the item's videos, not the run."""
-    from flowprep.teacher.run import SegmentOutputs
-
-    try:
-        return item, ray.get(ref)
-    except ray.exceptions.RayError as e:
-        error = str(_video_error(e))
-        return item, [SegmentOutputs(segment, None, error) for segment in item.segments]

@@ -251,3 +251,9 @@ def test_torchrun_two_ranks_train_on_disjoint_items_and_validate_each_clip_once(
     ce = F.cross_entropy(logits, torch.tensor([label] * 3), reduction="none")
     assert log[-1]["val_ce"] == pytest.approx(ce.mean().item(), rel=1e-4)
     assert log[-1]["val_top1"] == float(logits.mean(0).argmax().item() == label)
+
+
+def test_the_training_side_loads_neither_ray_nor_pyav():
+    code = "import sys, flowprep.train, flowprep.dataset, flowprep.networks; print(sorted({'ray', 'av'} & set(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"

@@ -23,6 +23,7 @@ from flowprep.codec import Codec
 from flowprep.extract import extract
 from flowprep.flow.opencv import opencv_cuda_devices
 from flowprep.pipeline import ExtractConfig
+from flowprep.samples import sample_clip
 from flowprep.shards.layout import complete_shards, read_failures
 
 from conftest import textured_image, write_video
@@ -161,6 +162,31 @@ def test_damaged_shards_are_refused_on_resume_and_repaired(output, reference, sr
         assert sorted(repaired.video_ids) == sorted(whole.video_ids)
         for video_id in whole.video_ids:
             assert repaired.checksum(video_id) == whole.meta(video_id)["checksum"], video_id
+
+
+def test_retry_failed_writes_a_mended_video_into_a_new_shard(tmp_path):
+    """The failed video's shard is complete: the retried video must go into a shard of its own
+    number, not back into that one (which the run would then skip as done)."""
+    src = tmp_path / "src" / "pan"
+    image = textured_image(64, 96)
+    write_video(src / "a.mp4", [np.roll(image, -2 * i, axis=1) for i in range(8)])
+    bikes = sample_clip("bikes.mp4").read_bytes()
+    (src / "b.mp4").write_bytes(bikes[: len(bikes) // 3])  # truncated
+    out = tmp_path / "out"
+    args = ["extract", "--src", src.parent, "--out", out, "--flow", "none", "--shard-size", "1", "--workers", "0",
+            "--short-side", "64", "--allow-failures", "1", "--no-progress"]
+    status, output = flowprep(*args)
+    assert status == 0 and "2 found, 0 already done, 1 written, 1 failed" in output
+    assert [(f["video_id"], f["shard"]) for f in read_failures(out)] == [("b", "shards/shard-00001.arrow")]
+
+    write_video(src / "b.mp4", [np.roll(image, 2 * i, axis=1) for i in range(8)])  # mended
+    status, output = flowprep(*args, "--retry-failed")
+    assert status == 0 and "2 found, 1 already done, 1 written, 0 failed" in output
+    assert complete_shards(out) == [f"shards/shard-0000{n}.arrow" for n in range(3)]
+    with ShardReader(out) as reader:
+        assert reader.video_ids == ["a", "b"] and reader.meta("b")["shard"] == "shards/shard-00002.arrow"
+        assert reader.rgb("b").shape == (8, 64, 96, 3)
+    assert read_failures(out) == []
 
 
 # ---------------------------------------------------------------------------------------------

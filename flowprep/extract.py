@@ -353,7 +353,7 @@ def extract(
                 fail(entry)
             if result.written:
                 write_failures()
-                commit_shard(out, result.shard, result.rows)
+                commit_shard(out, result)
                 index = extend_index(out, index, result.rows)
                 log.info("shard complete: %s", result.shard)
             for row in result.rows:

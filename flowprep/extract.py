@@ -260,7 +260,8 @@ def extract(
     ``out`` are skipped; each failed video is a line of ``out/failures.jsonl`` and in the report.
     A video that failed while a now complete shard was written is not tried again unless
     ``retry_failed``: so a resumed run writes the same bytes as an uninterrupted one. One run
-    at a time writes ``out`` (:mod:`flowprep.lock`; :class:`~flowprep.lock.OutputLocked`).
+    at a time writes ``out`` (:mod:`flowprep.lock`; :class:`~flowprep.lock.OutputLocked`); a run
+    that loses its lock stops before its next commit (:class:`~flowprep.lock.LockLost`).
     ``out``: a local folder, or ``s3://``/``gs://`` prefix (Arrow shards only; :mod:`flowprep.storage`).
     """
     if writers not in WRITERS:
@@ -287,7 +288,7 @@ def extract(
     else:
         log.info("flow: none, RGB only")
     out.makedirs()
-    with output_lock(out):  # one writer: a second run is refused before it touches a file
+    with output_lock(out) as lock:  # one writer: a second run is refused before it touches a file
         prepare_output(out, description, overwrite)
         for path in remove_leftovers(out):
             log.info("removed %s, left by an interrupted run", path)
@@ -352,6 +353,7 @@ def extract(
             for entry in result.failures:
                 fail(entry)
             if result.written:
+                lock.check()  # a run that lost its lock commits nothing more
                 write_failures()
                 commit_shard(out, result)
                 index = extend_index(out, index, result.rows)
@@ -363,6 +365,7 @@ def extract(
                 report.bytes_written += row["bytes"]
             report.seconds = time.perf_counter() - start
             bar.set_postfix(frames=report.frames, failed=report.failed)
+        lock.check()
         write_failures()
         bar.close()
         return report

@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import ExitStack
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flowprep.lock import LOCK
+from flowprep.lock import LOCK, output_lock
 from flowprep.storage import Storage, staged_target, storage
 
 SCHEMA_VERSION = 2  # 2: index columns source_stream and corrupt_frames
@@ -205,12 +206,18 @@ def output_files(out: str | Path | Storage) -> tuple[list[str], list[str]]:
 
 
 def remove_output(out: str | Path | Storage) -> None:
-    """Delete flowprep's files from ``out`` (:func:`output_files`), then its folders left empty."""
+    """Delete flowprep's files from ``out`` (:func:`output_files`), then its folders left empty.
+
+    The caller holds ``out``'s lock; each teacher folder's lock is taken too while its files go,
+    so that a teacher run writing one refuses this with :class:`~flowprep.lock.OutputLocked`
+    (naming it) before anything is deleted."""
     store = storage(out)
-    own = output_files(store)[0]
-    for name in own:
-        store.delete(name)
     teachers = [f"{TEACHERS}/{name}" for name, kind in store.entries(TEACHERS) if kind == "dir"]
+    with ExitStack() as locks:
+        for folder in teachers:
+            locks.enter_context(output_lock(store / folder))
+        for name in output_files(store)[0]:
+            store.delete(name)
     for folder in [*(f"{t}/{SHARDS}" for t in teachers), *teachers, TEACHERS, SHARDS]:
         store.remove_empty_folder(folder)
 

@@ -72,7 +72,7 @@ def rewrite_as_hdf5(reader: ShardReader, out: Path, config: ExtractConfig) -> in
     (out / "shards").mkdir(parents=True)
     result = write_shard(out, ShardPlan(0, tuple(specs)), hdf5, reader.label_map, {},
                          ((spec, _chunks(reader, spec.video_id, config.chunk_frames)) for spec in specs))
-    commit_shard(storage(out), result.shard, result.rows)
+    commit_shard(storage(out), result)
     return sum(p.stat().st_size for p in (out / "shards").glob("*.h5"))
 
 

@@ -320,14 +320,15 @@ def teacher_command(out, name, model, checkpoint, num_classes, clip_len, frame_s
 @main.command()
 @click.argument("out", type=OutputLocation(exists=True))
 @click.option("--sample-frames", default=3, show_default=True, type=click.IntRange(min=1), help="Frames decoded per video.")
-@click.option("--repair", is_flag=True, help="Drop every damaged shard (and leftovers of an interrupted run) and rebuild the index; then rerun the extract command to extract the dropped videos again.")
+@click.option("--repair", is_flag=True, help="Drop every damaged shard (and leftovers of an interrupted run) and rebuild the index; then rerun the extract command to extract the dropped videos again. Refused while a run writes OUT.")
 def verify(out, sample_frames, repair):
     """Check every shard against the index checksums and decode a sample of frames.
 
     Exit status 0 when all is whole, 1 with the list of problems otherwise. With --repair, the
     problems are listed, every damaged shard is dropped with its index rows and the index is
     rebuilt (exit status 0): a rerun of the same extract command then extracts the videos of the
-    dropped shards again, into new shards.
+    dropped shards again. --repair takes the output's lock: while a run writes OUT it is refused
+    (exit status 1, naming that run) and deletes nothing; plain verify only reads.
     """
     from flowprep.shards.verify import repair as repair_output
     from flowprep.shards.verify import verify as verify_output
@@ -337,6 +338,8 @@ def verify(out, sample_frames, repair):
             problems, dropped = repair_output(out, sample_frames)
         else:
             problems = verify_output(out, sample_frames)
+    except OutputLocked as e:
+        raise click.ClickException(str(e)) from None
     except READ_ERRORS as e:
         raise click.ClickException(one_line(e)) from None
     for problem in problems:

@@ -49,6 +49,7 @@ from flowprep.shards.layout import (
     remove_leftovers,
     remove_output,
     shard_name,
+    shard_number,
     write_failures,
     write_json,
     write_table,
@@ -183,19 +184,20 @@ def read_plan(out: Storage) -> pa.Table:
 def plan_output(out: Storage, stored: pa.Table, specs: list[VideoSpec], config: ExtractConfig, redo: set[str]) -> list[ShardPlan]:
     """The shards of ``out``: as its ``stored`` plan (:func:`read_plan`) has them, for the videos
     of ``specs``, then the videos the plan does not hold and those of ``redo`` (in complete
-    shards, but neither written nor settled), planned after it from their headers
-    (:mod:`flowprep.shards.plan`). The plan is stored before any shard is written, so a resumed
-    run writes the same shards."""
+    shards, but neither written nor settled), planned from their headers
+    (:mod:`flowprep.shards.plan`) into new shards numbered after every shard that the stored plan
+    or the output holds: a video taken out of a complete shard must not be planned back into
+    one. The plan is stored before any shard is written, so a resumed run writes the same shards."""
+    taken = max([*stored["shard"].to_pylist(), *map(shard_number, complete_shards(out))], default=-1)
     if redo:
         stored = stored.filter(pc.invert(pc.is_in(stored["video_id"], pa.array(sorted(redo)))))
     held = set(stored["video_id"].to_pylist())
     new = [spec for spec in specs if spec.video_id not in held]
     with ThreadPoolExecutor(PROBE_THREADS) as pool:  # FFmpeg opens files without the GIL
         estimates = dict(zip((spec.video_id for spec in new), pool.map(lambda spec: estimate_bytes(spec, config), new)))
-    plans = replan(stored, specs, estimates, config.shard_size)
+    plans = replan(stored, specs, estimates, config.shard_size, after=taken)
     if new or redo or not out.exists(PLAN):
-        last = max(stored["shard"].to_pylist(), default=-1)
-        added = [plan for plan in plans if plan.number > last]
+        added = [plan for plan in plans if plan.number > taken]
         write_table(out, PLAN, pa.concat_tables([stored, plan_table(added, estimates)]))
         log.info("planned %d videos into %d new shards", len(new), len(added))
     return plans
@@ -234,7 +236,8 @@ def extract(
     ``out`` are skipped; each failed video is a line of ``out/failures.jsonl`` and in the report.
     A video that failed while a now complete shard was written is not tried again unless
     ``retry_failed``: so a resumed run writes the same bytes as an uninterrupted one. One run
-    at a time writes ``out`` (:mod:`flowprep.lock`; :class:`~flowprep.lock.OutputLocked`).
+    at a time writes ``out`` (:mod:`flowprep.lock`; :class:`~flowprep.lock.OutputLocked`); a run
+    that loses its lock stops before its next commit (:class:`~flowprep.lock.LockLost`).
     ``out``: a local folder, or ``s3://``/``gs://`` prefix (Arrow shards only; :mod:`flowprep.storage`).
     """
     if writers not in WRITERS:
@@ -261,7 +264,7 @@ def extract(
     else:
         log.info("flow: none, RGB only")
     out.makedirs()
-    with output_lock(out):  # one writer: a second run is refused before it touches a file
+    with output_lock(out) as lock:  # one writer: a second run is refused before it touches a file
         prepare_output(out, description, overwrite)
         for path in remove_leftovers(out):
             log.info("removed %s, left by an interrupted run", path)
@@ -326,8 +329,9 @@ def extract(
             for entry in result.failures:
                 fail(entry)
             if result.written:
+                lock.check()  # a run that lost its lock commits nothing more
                 save_failures()
-                commit_shard(out, result.shard, result.rows)
+                commit_shard(out, result)
                 index = extend_index(out, index, result.rows)
                 log.info("shard complete: %s", result.shard)
             for row in result.rows:
@@ -337,6 +341,7 @@ def extract(
                 report.bytes_written += row["bytes"]
             report.seconds = time.perf_counter() - start
             bar.set_postfix(frames=report.frames, failed=report.failed)
+        lock.check()
         save_failures()
         bar.close()
         return report

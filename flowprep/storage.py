@@ -6,8 +6,11 @@ The layout (:mod:`flowprep.shards.layout`) names files relative to the output, `
 read an object whole or by ranges, write one whole, list a folder, size, delete. The two kinds
 differ in how a file becomes visible:
 
-- a local folder writes a big file as ``<name>.partial`` and renames it (after an fsync) when it
-  is complete; small files are written the same way at once (:meth:`LocalStorage.write`);
+- a local folder writes a file under a staged name of its own, ``<name>.<token>.partial`` with a
+  token new to each writer (:func:`staged_name`), and renames it (after an fsync) when it is
+  complete: big files by :meth:`~LocalStorage.open_output` and :meth:`~LocalStorage.publish`,
+  small files at once (:meth:`LocalStorage.write`). No two writers ever share a staged file, so
+  a writer thought lost that still runs writes only into its own;
 - object storage has no rename (a copy would cost the object's size again), but an upload is all
   or nothing: an object appears whole once its upload completes, never in part. Its big objects
   are therefore written under their final name, and the layout decides when one counts (a shard
@@ -26,6 +29,8 @@ connection, so DataLoader or Ray workers (fork or spawn) each open their own.
 from __future__ import annotations
 
 import os
+import re
+import secrets
 from pathlib import Path
 
 import pyarrow as pa
@@ -33,6 +38,21 @@ import pyarrow.fs as pafs
 
 PARTIAL = ".partial"
 OBJECT_SCHEMES = ("s3", "gs", "gcs")
+# A staged name: <name>.<16 hex digits>.partial, or <name>.partial as earlier versions wrote it.
+_STAGED = re.compile(r"(.+?)(?:\.[0-9a-f]{16})?\.partial")
+
+
+def staged_name(name: str) -> str:
+    """A new staged name for ``name``: ``<name>.<token>.partial``, the token random, so that each
+    writer of ``name`` has a file of its own."""
+    return f"{name}.{secrets.token_hex(8)}{PARTIAL}"
+
+
+def staged_target(filename: str) -> str | None:
+    """The name that ``filename`` stages (:func:`staged_name`, or the ``<name>.partial`` of
+    earlier versions), or ``None`` when it is not a staged name."""
+    match = _STAGED.fullmatch(filename)
+    return match and match.group(1)
 
 
 class Uri(str):
@@ -74,7 +94,9 @@ class Storage:
         return f"{type(self).__name__}({str(self)!r})"
 
     def staged(self, name: str) -> str:
-        """The name that :meth:`open_output` writes ``name`` under until :meth:`publish`."""
+        """The name one writer writes ``name`` under (:meth:`open_output`) until :meth:`publish`:
+        here ``name`` itself, an upload being all or nothing; locally a new staged name on each
+        call (:func:`staged_name`)."""
         return name
 
 
@@ -106,7 +128,7 @@ class LocalStorage(Storage):
     def write(self, name: str, data: bytes) -> None:
         """Write ``data`` so that ``name`` holds either its old content or all of the new."""
         path = self.location / name
-        tmp = path.with_name(path.name + PARTIAL)
+        tmp = self.location / self.staged(name)
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
@@ -114,20 +136,20 @@ class LocalStorage(Storage):
         os.replace(tmp, path)
 
     def staged(self, name: str) -> str:
-        return name + PARTIAL
+        return staged_name(name)
 
-    def open_output(self, name: str) -> pa.NativeFile:
-        """A stream writing ``name`` as ``<name>.partial`` (:meth:`staged`), invisible under its
-        name until :meth:`publish`."""
-        return pa.OSFile(str(self.location / self.staged(name)), "wb")
+    def open_output(self, staged: str) -> pa.NativeFile:
+        """A stream writing the staged name ``staged`` (:meth:`staged`): the file is invisible
+        under its final name until :meth:`publish`."""
+        return pa.OSFile(str(self.location / staged), "wb")
 
-    def publish(self, name: str) -> None:
-        """Make the closed output of :meth:`open_output` visible as ``name``: synced, then renamed
-        (the rename must never expose a file that is not on disk)."""
-        staged = self.location / self.staged(name)
-        with open(staged, "rb+") as f:
+    def publish(self, staged: str, name: str) -> None:
+        """Make the closed output ``staged`` of :meth:`open_output` visible as ``name``: synced,
+        then renamed (the rename must never expose a file that is not on disk)."""
+        path = self.location / staged
+        with open(path, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(staged, self.location / name)
+        os.replace(path, self.location / name)
 
     def entries(self, folder: str = "") -> list[tuple[str, str]]:
         """``(name, kind)`` in ``folder``, sorted by name; kind ``file``, ``dir`` or ``other``
@@ -212,13 +234,14 @@ class ObjectStorage(Storage):
         with self.fs.open_output_stream(self._path(name)) as f:
             f.write(data)
 
-    def open_output(self, name: str) -> pa.NativeFile:
-        """A stream uploading ``name`` (in parts for a big object): it appears, whole, when the
-        stream is closed; a killed upload leaves no object (docs/format.md)."""
-        return self.fs.open_output_stream(self._path(name))
+    def open_output(self, staged: str) -> pa.NativeFile:
+        """A stream uploading ``staged`` (:meth:`staged`: the final name itself, in parts for a
+        big object): it appears, whole, when the stream is closed; a killed upload leaves no
+        object (docs/format.md)."""
+        return self.fs.open_output_stream(self._path(staged))
 
-    def publish(self, name: str) -> None:
-        pass  # the closed upload already is the object
+    def publish(self, staged: str, name: str) -> None:
+        pass  # the closed upload already is the object: the layout decides when it counts
 
     def entries(self, folder: str = "") -> list[tuple[str, str]]:
         selector = pafs.FileSelector(self._path(folder), allow_not_found=True)

@@ -5,6 +5,7 @@ missing files and the messages around them. Every input is built here."""
 from __future__ import annotations
 
 import json
+import os
 import resource
 import shutil
 import signal
@@ -22,7 +23,9 @@ from flowprep.cli import main
 from flowprep.codec import Codec
 from flowprep.extract import extract
 from flowprep.flow.opencv import opencv_cuda_devices
+from flowprep.lock import output_lock
 from flowprep.pipeline import ExtractConfig
+from flowprep.samples import sample_clip
 from flowprep.shards.layout import complete_shards, read_failures
 
 from conftest import textured_image, write_video
@@ -134,6 +137,19 @@ def test_overwrite_deletes_flowprep_files_teachers_and_leftovers_only(output, sr
     assert not (output / "teachers").exists() and not (output / "shards" / "shard-00007.arrow.partial").exists()
 
 
+def test_overwrite_is_refused_while_a_teacher_run_writes_its_targets(output, src):
+    teacher = output / "teachers" / "flow"
+    (teacher / "shards").mkdir(parents=True)
+    for name in ("teacher.json", "shards/shard-00000.arrow.0123456789abcdef.partial"):
+        (teacher / name).write_bytes(b"targets")
+    before = sorted(p for p in output.rglob("*") if p.is_file())
+    with output_lock(teacher):  # a teacher run in progress
+        status, out = flowprep("extract", "--src", src, "--out", output, *ARGS, "--overwrite")
+        line = one_error_line(out)
+        assert status == 1 and f"{teacher} is being written by pid {os.getpid()}" in line
+        assert sorted(p for p in output.rglob("*") if p.is_file() and p.name != "flowprep.lock") == before
+
+
 # ---------------------------------------------------------------------------------------------
 # item 6: damaged complete shards are found on resume; verify --repair drops them for a rerun
 
@@ -161,6 +177,44 @@ def test_damaged_shards_are_refused_on_resume_and_repaired(output, reference, sr
         assert sorted(repaired.video_ids) == sorted(whole.video_ids)
         for video_id in whole.video_ids:
             assert repaired.checksum(video_id) == whole.meta(video_id)["checksum"], video_id
+
+
+def test_retry_failed_writes_a_mended_video_into_a_new_shard(tmp_path):
+    """The failed video's shard is complete: the retried video must go into a shard of its own
+    number, not back into that one (which the run would then skip as done)."""
+    src = tmp_path / "src" / "pan"
+    image = textured_image(64, 96)
+    write_video(src / "a.mp4", [np.roll(image, -2 * i, axis=1) for i in range(8)])
+    bikes = sample_clip("bikes.mp4").read_bytes()
+    (src / "b.mp4").write_bytes(bikes[: len(bikes) // 3])  # truncated
+    out = tmp_path / "out"
+    args = ["extract", "--src", src.parent, "--out", out, "--flow", "none", "--shard-size", "1", "--workers", "0",
+            "--short-side", "64", "--allow-failures", "1", "--no-progress"]
+    status, output = flowprep(*args)
+    assert status == 0 and "2 found, 0 already done, 1 written, 1 failed" in output
+    assert [(f["video_id"], f["shard"]) for f in read_failures(out)] == [("b", "shards/shard-00001.arrow")]
+
+    write_video(src / "b.mp4", [np.roll(image, 2 * i, axis=1) for i in range(8)])  # mended
+    status, output = flowprep(*args, "--retry-failed")
+    assert status == 0 and "2 found, 1 already done, 1 written, 0 failed" in output
+    assert complete_shards(out) == [f"shards/shard-0000{n}.arrow" for n in range(3)]
+    with ShardReader(out) as reader:
+        assert reader.video_ids == ["a", "b"] and reader.meta("b")["shard"] == "shards/shard-00002.arrow"
+        assert reader.rgb("b").shape == (8, 64, 96, 3)
+    assert read_failures(out) == []
+
+
+def test_verify_repair_is_refused_while_a_run_writes_and_deletes_nothing(output):
+    in_flight = output / "shards" / "shard-00003.arrow.0123456789abcdef.partial"
+    in_flight.write_bytes(b"a shard being written")
+    with output_lock(output):  # an extract in progress
+        status, out = flowprep("verify", output, "--repair")
+        assert status == 1 and f"{output} is being written by pid {os.getpid()}" in one_error_line(out)
+        assert in_flight.read_bytes() == b"a shard being written"
+        status, out = flowprep("verify", output)  # plain verify only reads
+        assert status == 1 and f"{in_flight}: left by an interrupted run" in out and in_flight.exists()
+    status, out = flowprep("verify", output, "--repair")
+    assert status == 0 and f"{in_flight}: left by an interrupted run, deleted" in out and not in_flight.exists()
 
 
 # ---------------------------------------------------------------------------------------------

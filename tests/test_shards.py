@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 
 import cv2
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from flowprep import ShardReader
 from flowprep.codec import quantize_flow
 from flowprep.decode import VideoDecoder
-from flowprep.extract import OutputMismatch, extract
+from flowprep.extract import OutputMismatch, extract, local_video_chunks, read_plan
 from flowprep.flow import get_backend
 from flowprep.pipeline import ExtractConfig
-from flowprep.shards.layout import complete_shards
+from flowprep.shards.layout import complete_shards, index_part, leftovers
+from flowprep.shards.plan import ShardPlan
+from flowprep.shards.writer import commit_shard, write_shard
+from flowprep.sources import find_videos
+from flowprep.storage import storage
 
 from conftest import index_frame, textured_image, write_video
 
@@ -154,6 +160,57 @@ def test_leftovers_of_a_killed_run_are_removed_and_redone(small_folder, tmp_path
     assert report.skipped == 2 and report.written == 1
     assert not list(out.glob("**/*.partial")) and not (out / "shards" / "shard-00009.parquet").exists()
     assert complete_shards(out) == shards
+    assert ShardReader(out).video_ids == ["counter", "pan_down", "pan_right"]
+
+
+def test_two_attempts_at_a_shard_write_their_own_files_and_the_superseded_one_is_removed_later(small_folder, tmp_path):
+    """A decoder thought lost that still runs (the superseded attempt) goes on writing while its
+    replacement writes and commits the same shard: it must touch neither the published shard nor
+    the other attempt's file, and the next run removes what it left."""
+    out = tmp_path / "out"
+    run(small_folder, out, shard_size=1)  # one video per shard
+    shard = complete_shards(out)[-1]
+    whole = (out / shard).read_bytes()
+    (out / shard).unlink()  # not yet written
+    (out / index_part(shard)).unlink()
+    dataset = json.loads((out / "dataset.json").read_text())
+    config = ExtractConfig(**dataset["params"])
+    metadata = {k.decode(): v.decode() for k, v in pa.ipc.open_file(pa.py_buffer(whole)).schema.metadata.items()}
+    by_id = {spec.video_id: spec for spec in find_videos(small_folder)[0]}
+    plan = ShardPlan(2, tuple(by_id[row["video_id"]] for row in read_plan(storage(out)).to_pylist() if row["shard"] == 2))
+
+    def attempt(videos):
+        return write_shard(out, plan, config, dataset["label_map"], metadata, videos)
+
+    first_chunk_written, replaced = threading.Event(), threading.Event()
+
+    def held_back():  # the superseded attempt: paused after its first chunk until the replacement committed
+        for spec, chunks in local_video_chunks(plan.videos, config):
+            def paused(chunks=chunks):
+                for i, chunk in enumerate(chunks):
+                    yield chunk
+                    if i == 0:
+                        first_chunk_written.set()
+                        assert replaced.wait(120)
+            yield spec, paused()
+
+    superseded = {}
+    thread = threading.Thread(target=lambda: superseded.update(result=attempt(held_back())))
+    thread.start()
+    assert first_chunk_written.wait(120)
+    replacement = attempt(local_video_chunks(plan.videos, config))
+    commit_shard(storage(out), replacement)
+    replaced.set()
+    thread.join()
+    first = superseded["result"]
+    assert first.staged != replacement.staged and first.staged.startswith(f"{shard}.")
+    assert (out / shard).read_bytes() == whole  # the published shard is the replacement's, untouched
+    assert (out / first.staged).read_bytes() == whole  # the superseded attempt wrote all of its own file
+    assert leftovers(out) == [first.staged]
+
+    report = run(small_folder, out, shard_size=1)
+    assert report.skipped == 3 and report.written == 0
+    assert not list(out.glob("**/*.partial")) and (out / shard).read_bytes() == whole
     assert ShardReader(out).video_ids == ["counter", "pan_down", "pan_right"]
 
 

@@ -13,26 +13,28 @@
 ``<out>`` is a local folder or a prefix on object storage (:mod:`flowprep.storage`); every
 function here takes either (a path, URI or :class:`~flowprep.storage.Storage`).
 
-A shard is committed by writing its index part once the shard is complete. In a local folder the
-shard is written as ``<name>.partial`` and renamed after its index part, so a shard file without
+A shard is committed by writing its index part once the shard is complete. In a local folder
+each attempt at a shard writes a staged file of its own, ``<name>.<token>.partial``
+(:func:`~flowprep.storage.staged_name`), renamed after its index part, so a shard file without
 ``.partial`` is always whole and indexed. On object storage (no rename) the shard object is
 uploaded under its name and counts only once its index part exists. Anything else a killed run
-left (``.partial`` files, index parts without their shard, shard objects without their index
-part) is deleted when the next run starts. These names are all flowprep writes and all it ever
-deletes (:func:`output_files`).
+or a superseded attempt left (staged ``.partial`` files, index parts without their shard, shard
+objects without their index part) is deleted when the next run starts. These names are all
+flowprep writes and all it ever deletes (:func:`output_files`).
 """
 
 from __future__ import annotations
 
 import json
 import re
+from contextlib import ExitStack
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flowprep.lock import LOCK
-from flowprep.storage import PARTIAL, Storage, storage
+from flowprep.lock import LOCK, output_lock
+from flowprep.storage import Storage, staged_target, storage
 
 SCHEMA_VERSION = 2  # 2: index columns source_stream and corrupt_frames
 DATASET_JSON = "dataset.json"
@@ -42,7 +44,7 @@ SHARDS = "shards"
 PLAN = "plan.parquet"
 SHARD_SUFFIX = {"arrow": ".arrow", "hdf5": ".h5"}
 _SHARD_NAME = re.compile(r"shard-(\d{5,})\.(arrow|h5)$")
-_SHARD_FILE = re.compile(r"shard-\d{5,}\.(arrow|h5|parquet)(\.partial)?")  # a shard, its index part, leftovers
+_SHARD_FILE = re.compile(r"shard-\d{5,}\.(arrow|h5|parquet)")  # a shard or its index part (or their staged names)
 TEACHERS = "teachers"
 TEACHER_JSON = "teacher.json"
 # Index part schema metadata: the shard file's size in bytes, checked when a run resumes.
@@ -183,13 +185,13 @@ def output_files(out: str | Path | Storage) -> tuple[list[str], list[str]]:
     def sort(folder: str, names: set[str], teachers: bool) -> None:
         for name, kind in store.entries(folder):
             path = f"{folder}{name}"
-            if name == LOCK:  # the running writer's: neither deleted nor foreign
+            if _unstaged(name) == LOCK:  # the running writer's: neither deleted nor foreign
                 continue
-            if kind == "file" and name.removesuffix(PARTIAL) in names:
+            if kind == "file" and _unstaged(name) in names:
                 own.append(path)
             elif kind == "dir" and name == SHARDS:
                 for n, k in store.entries(path):
-                    (own if k == "file" and _SHARD_FILE.fullmatch(n) else others).append(f"{path}/{n}")
+                    (own if k == "file" and _SHARD_FILE.fullmatch(_unstaged(n)) else others).append(f"{path}/{n}")
             elif kind == "dir" and name == TEACHERS and teachers:
                 for n, k in store.entries(path):
                     if k == "dir":
@@ -204,12 +206,18 @@ def output_files(out: str | Path | Storage) -> tuple[list[str], list[str]]:
 
 
 def remove_output(out: str | Path | Storage) -> None:
-    """Delete flowprep's files from ``out`` (:func:`output_files`), then its folders left empty."""
+    """Delete flowprep's files from ``out`` (:func:`output_files`), then its folders left empty.
+
+    The caller holds ``out``'s lock; each teacher folder's lock is taken too while its files go,
+    so that a teacher run writing one refuses this with :class:`~flowprep.lock.OutputLocked`
+    (naming it) before anything is deleted."""
     store = storage(out)
-    own = output_files(store)[0]
-    for name in own:
-        store.delete(name)
     teachers = [f"{TEACHERS}/{name}" for name, kind in store.entries(TEACHERS) if kind == "dir"]
+    with ExitStack() as locks:
+        for folder in teachers:
+            locks.enter_context(output_lock(store / folder))
+        for name in output_files(store)[0]:
+            store.delete(name)
     for folder in [*(f"{t}/{SHARDS}" for t in teachers), *teachers, TEACHERS, SHARDS]:
         store.remove_empty_folder(folder)
 
@@ -240,16 +248,22 @@ def write_table(out: str | Path | Storage, name: str, table: pa.Table) -> None:
     storage(out).write(name, sink.getvalue().to_pybytes())
 
 
+def _unstaged(name: str) -> str:
+    """The name that ``name`` stages when it is a staged name (:func:`~flowprep.storage.staged_target`), else ``name``."""
+    return staged_target(name) or name
+
+
 def leftovers(out: str | Path | Storage) -> list[str]:
-    """What a killed run left in ``out`` (an output or teacher folder), as names: flowprep's
-    ``.partial`` files, index parts without their complete shard and, on object storage, shard
-    objects without their index part (uploaded, never committed). Known by their names: nothing
-    else is ever listed."""
+    """What a killed run or a superseded attempt at a shard left in ``out`` (an output or teacher
+    folder), as names: flowprep's staged ``.partial`` files, index parts without their complete
+    shard and, on object storage, shard objects without their index part (uploaded, never
+    committed). Known by their names: nothing else is ever listed. Only the holder of ``out``'s
+    lock may delete them (:mod:`flowprep.lock`): a running writer's staged files look the same."""
     store = storage(out)
     complete = set(complete_shards(store))
-    found = [n for n in store.files() if n.endswith(PARTIAL) and n.removesuffix(PARTIAL) in {DATASET_JSON, INDEX, FAILURES, PLAN, TEACHER_JSON}]
+    found = [n for n in store.files() if staged_target(n) in {DATASET_JSON, INDEX, FAILURES, PLAN, TEACHER_JSON}]
     kept = complete | {index_part(s) for s in complete}
-    found += [f"{SHARDS}/{n}" for n in store.files(SHARDS) if _SHARD_FILE.fullmatch(n) and f"{SHARDS}/{n}" not in kept]
+    found += [f"{SHARDS}/{n}" for n in store.files(SHARDS) if _SHARD_FILE.fullmatch(_unstaged(n)) and f"{SHARDS}/{n}" not in kept]
     return sorted(found)
 
 

@@ -99,10 +99,12 @@ def plan_table(plans: Iterable[ShardPlan], estimates: dict[str, int]) -> pa.Tabl
     return pa.Table.from_pylist(rows, schema=PLAN_SCHEMA)
 
 
-def replan(table: pa.Table, specs: Sequence[VideoSpec], estimates: dict[str, int], shard_size: int) -> list[ShardPlan]:
+def replan(table: pa.Table, specs: Sequence[VideoSpec], estimates: dict[str, int], shard_size: int,
+           after: int = -1) -> list[ShardPlan]:
     """The stored plan ``table`` over today's ``specs``: its shards as planned (with the specs of
-    their videos still in the input), then the videos it does not hold, planned after it from
-    ``estimates`` (which need only cover those)."""
+    their videos still in the input), then the videos it does not hold, planned from ``estimates``
+    (which need only cover those) into new shards numbered after both ``table``'s last shard and
+    ``after`` (a number already taken elsewhere, which a new shard must never reuse)."""
     by_id = {spec.video_id: spec for spec in specs}
     planned: dict[int, list[VideoSpec]] = {}
     for row in table.to_pylist():
@@ -111,4 +113,4 @@ def replan(table: pa.Table, specs: Sequence[VideoSpec], estimates: dict[str, int
             planned[row["shard"]].append(by_id.pop(row["video_id"]))
     plans = [ShardPlan(number, tuple(videos)) for number, videos in sorted(planned.items())]
     new = [(spec, estimates[spec.video_id]) for spec in specs if spec.video_id in by_id]
-    return plans + plan_shards(new, shard_size, first_number=plans[-1].number + 1 if plans else 0)
+    return plans + plan_shards(new, shard_size, first_number=max(plans[-1].number if plans else -1, after) + 1)

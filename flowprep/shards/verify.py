@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+from flowprep.lock import output_lock
 from flowprep.shards.layout import (
     INDEX,
     complete_shards,
@@ -73,9 +74,16 @@ def repair(out: str | Path | Storage, sample_frames: int = 3) -> tuple[list[str]
     Deletes the leftovers of an interrupted run and every complete shard with a problem, with its
     index part, and rebuilds ``index.parquet`` from the shards that remain. The videos of the
     dropped shards are then missing: a rerun of the extract command (same options) extracts them
-    again, into new shards after the last one.
+    again, into the shards the stored plan gives them. Holds ``out``'s lock meanwhile: while a
+    run writes ``out`` (whose files in flight look like leftovers) it raises
+    :class:`~flowprep.lock.OutputLocked` and deletes nothing.
     """
     out = storage(out)
+    with output_lock(out):
+        return _repair(out, sample_frames)
+
+
+def _repair(out: Storage, sample_frames: int) -> tuple[list[str], list[str]]:
     found = [f"{p}: left by an interrupted run, deleted" for p in remove_leftovers(out)]
     if not out.exists(INDEX):
         found.append(f"{out / INDEX} was missing, rebuilt")

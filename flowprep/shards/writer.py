@@ -112,30 +112,33 @@ class HDF5ShardFile:
         self._image = None
 
 
-def open_shard(store: Storage, shard: str, config: ExtractConfig, metadata: dict[str, str]) -> ArrowShardFile | HDF5ShardFile:
-    """A new shard file ``shard`` (a relative name, :func:`~flowprep.shards.layout.shard_name`)
-    in ``config.format``, not part of the output until :func:`commit_shard`."""
-    sink = store.open_output(shard)
+def open_shard(store: Storage, staged: str, config: ExtractConfig, metadata: dict[str, str]) -> ArrowShardFile | HDF5ShardFile:
+    """A new shard file in ``config.format`` under the staged name ``staged``
+    (:meth:`~flowprep.storage.Storage.staged`), not part of the output until :func:`commit_shard`."""
+    sink = store.open_output(staged)
     if config.format == "arrow":
         return ArrowShardFile(sink, metadata, config.has_flow)
     return HDF5ShardFile(sink, metadata, config.chunk_frames, config.has_flow)
 
 
-def commit_shard(store: Storage, shard: str, rows: list[dict]) -> None:
-    """Make the closed shard file ``shard`` part of the output, with its videos' index ``rows``:
+def commit_shard(store: Storage, result: ShardResult) -> None:
+    """Make the closed shard file of ``result`` part of the output, with its videos' index rows:
     its index part (recording its size) is written after the shard is complete, and then a local
-    shard is renamed from ``.partial``."""
-    write_index_part(store, shard, rows, store.size(store.staged(shard)))
-    store.publish(shard)
+    shard is renamed from the staged name its writer used. Only that writer's file is published:
+    another attempt at the same shard (one thought lost that still runs) writes a file of its own."""
+    write_index_part(store, result.shard, result.rows, store.size(result.staged))
+    store.publish(result.staged, result.shard)
 
 
 @dataclass
 class ShardResult:
-    """What writing one shard gave: ``shard`` (its relative name; the file is closed but not yet
-    committed, unless not ``written`` at all), the index ``rows`` of its videos and the
-    ``failures`` (``failures.jsonl`` entries) of those that failed, both in input order."""
+    """What writing one shard gave: ``shard`` (its relative name), ``staged`` (the name its file was
+    written under: closed but not yet committed; ``None`` when not ``written`` at all), the index
+    ``rows`` of its videos and the ``failures`` (``failures.jsonl`` entries) of those that failed,
+    both in input order."""
 
     shard: str
+    staged: str | None
     rows: list[dict] = field(default_factory=list)
     failures: list[dict] = field(default_factory=list)
     written: bool = True
@@ -155,8 +158,8 @@ def write_shard(out: str | Path | Storage, plan: ShardPlan, config: ExtractConfi
     ``on_video`` gets each video's index row as it is written (``None`` when it failed)."""
     store = storage(out)
     shard = shard_name(plan.number, config.format)
-    result = ShardResult(shard)
-    file = open_shard(store, shard, config, metadata)
+    result = ShardResult(shard, store.staged(shard))  # this attempt's own file
+    file = open_shard(store, result.staged, config, metadata)
     for spec, chunks in videos:
         offset = file.begin_video(spec.video_id)
         row = {"video_id": spec.video_id, "label": spec.label, "label_index": label_map.get(spec.label, -1), "split": spec.split,
@@ -200,4 +203,4 @@ def lost_shard(plan: ShardPlan, config: ExtractConfig, error: str) -> ShardResul
     """The result of a shard that could not be written (its worker lost too often): every video
     failed at stage ``worker``. It is not committed, so the next run writes it again."""
     shard = shard_name(plan.number, config.format)
-    return ShardResult(shard, [], [failure(spec, "worker", error, None) for spec in plan.videos], written=False)
+    return ShardResult(shard, None, failures=[failure(spec, "worker", error, None) for spec in plan.videos], written=False)

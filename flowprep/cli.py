@@ -34,6 +34,10 @@ READ_ERRORS = (OSError, ValueError, KeyError, IndexError)
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 
 
+ALLOW_FAILURES = click.option("--allow-failures", default="0", show_default=True,
+                              help="Failed videos tolerated before the exit status is non-zero: a count (5) or a fraction (0.02).")
+
+
 def parse_size(text: str) -> int:
     """``"1GiB"``, ``"512M"``, ``"1000000"`` to bytes (binary multiples)."""
     match = _SIZE.match(text)
@@ -136,7 +140,7 @@ def extract_options(f):
         click.option("--ray-address", envvar="RAY_ADDRESS", help="Ray cluster to use, e.g. auto (default: $RAY_ADDRESS, else a local Ray)."),
         click.option("--overwrite", is_flag=True, help="Delete flowprep's output in --out (dataset.json, index.parquet, failures.jsonl, shards/, teachers/) and start over. A folder holding any other file is refused, with or without it."),
         click.option("--retry-failed", is_flag=True, help="On a rerun, try again the videos that failed in complete shards too."),
-        click.option("--allow-failures", default="0", show_default=True, help="Failed videos tolerated before the exit status is non-zero: a count (5) or a fraction (0.02)."),
+        ALLOW_FAILURES,
         click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal)."),
     ]
     for option in reversed(options):
@@ -168,11 +172,9 @@ def extract_command(src, out, annotations, trim, labels_file, limit, fps, short_
                                flow_params=parse_flow_params(flow_params), flow_bound=flow_bound, flow_dtype=flow_dtype,
                                rgb_codec=rgb_codec, flow_codec=flow_codec, format=fmt, shard_size=shard_size,
                                chunk_frames=chunk_frames, fail_corrupt=fail_corrupt)
-        allowed = allowed_failures(allow_failures, 0)
     except OptionError as e:
         raise bad_usage(e) from None
-    except ValueError as e:
-        raise click.UsageError(str(e)) from None
+    check_allow_failures(allow_failures)
     try:
         report = extract(src, out, config, annotations=annotations, labels_file=labels_file, limit=limit, overwrite=overwrite,
                          retry_failed=retry_failed, workers=workers, decoders=decoders, writers=writers, ray_address=ray_address, gpu_share=gpu_share, progress=progress)
@@ -186,9 +188,22 @@ def extract_command(src, out, annotations, trim, labels_file, limit, fps, short_
                                        "make room and rerun the same command") from None
         raise click.ClickException(one_line(e)) from None
     print_summary(report, out)
-    allowed = allowed_failures(allow_failures, report.videos)
-    if report.failed > allowed:
-        click.echo(f"{report.failed} videos failed, more than --allow-failures {allow_failures} permits ({allowed})", err=True)
+    exit_for_failures(report.failed, report.videos, allow_failures)
+
+
+def check_allow_failures(rule: str) -> None:
+    """``--allow-failures`` checked before a run starts (exit 2 when it is not a count or fraction)."""
+    try:
+        allowed_failures(rule, 0)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+
+
+def exit_for_failures(failed: int, videos: int, rule: str) -> None:
+    """Exit with status 3 when more than ``--allow-failures`` of ``videos`` failed."""
+    allowed = allowed_failures(rule, videos)
+    if failed > allowed:
+        click.echo(f"{failed} videos failed, more than --allow-failures {rule} permits ({allowed})", err=True)
         sys.exit(EXIT_FAILURES)
 
 
@@ -286,17 +301,24 @@ def info(out, as_json):
 @click.option("--workers", type=click.IntRange(min=0), help="Model workers (default: one per GPU of the Ray cluster, else one per CPU; 0: no Ray, this process only).")
 @click.option("--ray-address", envvar="RAY_ADDRESS", help="Ray cluster to use, e.g. auto (default: $RAY_ADDRESS, else a local Ray).")
 @click.option("--overwrite", is_flag=True, help="Delete existing targets of this name and start over.")
+@ALLOW_FAILURES
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 def teacher_command(out, name, model, checkpoint, num_classes, clip_len, frame_stride, crop, window_stride, crops, flip,
-                    outputs, batch_size, device, workers, ray_address, overwrite, progress):
+                    outputs, batch_size, device, workers, ray_address, overwrite, allow_failures, progress):
     """Run a flow-stream network once over every stored view and keep its outputs.
 
     Every video gets a grid of views (clip starts every --window-stride flow positions, --crops
     crop positions, unflipped and flipped); each view's outputs are stored as float16 in
     SHARDS/teachers/NAME/, which ClipDataset(teacher=NAME) serves with the RGB clip of that view.
     Rerunning the same command resumes; other options under the same NAME are refused unless
-    --overwrite. A video whose flow cannot be read is a line in the teacher's failures.jsonl.
+    --overwrite. A video whose flow cannot be read, or on which the model raises, is a line in
+    the teacher's failures.jsonl; a lost Ray worker's work is done again by another worker.
+
+    Exit status: 0 when every video has targets or the failures are within --allow-failures; 3
+    when more failed; 1 on other errors (the folder holds targets of other options, a checkpoint
+    that does not fit, another run holds the lock); 2 on bad usage.
     """
+    check_allow_failures(allow_failures)
     from flowprep.networks import MODELS, CheckpointMismatch
     from flowprep.teacher.run import TeacherConfig, TeacherMismatch, compute_targets
     from flowprep.teacher.views import ViewGrid
@@ -315,6 +337,8 @@ def teacher_command(out, name, model, checkpoint, num_classes, clip_len, frame_s
     click.echo(f"videos:  {report.videos} in the shards, {report.skipped} done before, {report.written} written, {report.failed} failed"
                + (f" (see {Path(out) / 'teachers' / name / FAILURES})" if report.failed else ""))
     click.echo(f"views:   {report.views} in {report.seconds:.1f} s ({report.views_per_second:.2f} views/s)")
+    click.echo(f"targets: {report.stored} of {report.videos} videos have targets, {report.videos - report.stored} have none")
+    exit_for_failures(report.failed, report.videos, allow_failures)
 
 
 @main.command()

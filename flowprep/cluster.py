@@ -97,11 +97,52 @@ def wait_for_workers(actors, what: str) -> list[str]:
     return devices
 
 
+class LiveWorkers:
+    """Which of ``actors`` (each with a ``device`` method) are up. An actor counts as up once it
+    answered a ping; one lost while it held work (its process killed, its node gone) is pinged
+    again and left aside until it answers, then it rejoins (Ray restarts actors made with
+    ``max_restarts=-1``). Not thread-safe: a caller with threads holds its own lock."""
+
+    def __init__(self, actors: list, what: str):
+        self.actors, self.what = actors, what
+        self._down = {w: actor.device.remote() for w, actor in enumerate(actors)}  # index -> ping
+
+    def lost(self, w: int) -> None:
+        """Leave worker ``w`` aside until it answers a ping again."""
+        self._down[w] = self.actors[w].device.remote()
+
+    def alive(self) -> list[int]:
+        """The workers that answered their last ping, waiting up to ``WORKER_WAIT_S`` for one."""
+        deadline = time.monotonic() + WORKER_WAIT_S
+        while True:
+            pings = list(self._down.values())
+            answered, _ = ray.wait(pings, num_returns=len(pings), timeout=0) if pings else ([], [])
+            for w, ping in list(self._down.items()):
+                if ping in answered:
+                    try:
+                        ray.get(ping)
+                        del self._down[w]
+                    except TRANSIENT:
+                        self.lost(w)
+            alive = [w for w in range(len(self.actors)) if w not in self._down]
+            if alive:
+                return alive
+            if time.monotonic() > deadline:
+                raise WorkerError(f"no {self.what} alive for {WORKER_WAIT_S:.0f} s (FLOWPREP_WORKER_WAIT_S)")
+            ray.wait(list(self._down.values()), num_returns=1, timeout=5)
+
+
 def kill_actors(actors) -> None:
     """Stop ``actors``, unless Ray is already down: ``ray.kill`` would then start a new local Ray."""
     if ray.is_initialized():
         for actor in actors:
             ray.kill(actor)
+
+
+def is_cluster_fault(e: BaseException) -> bool:
+    """Whether ``e`` is a fault of the cluster (a worker or node lost, an object lost with it),
+    also when it reached us through a task that had the lost work as an argument."""
+    return isinstance(e, TRANSIENT) or (isinstance(e, ray.exceptions.RayTaskError) and isinstance(e.cause, TRANSIENT))
 
 
 def video_error(e: Exception) -> VideoError:

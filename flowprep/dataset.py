@@ -73,8 +73,9 @@ class ClipDataset(Dataset):
             DataLoader's shared memory (uint8 flow shards only).
         teacher: the name of targets stored by ``flowprep teacher`` in every folder. Training
             draws one of the stored views (start, crop position, flip) uniformly and returns
-            the clip of exactly that view; evaluation keeps its clips and carries the target of
-            the centre view. ``clip_len``, ``frame_stride`` and ``crop`` must be the teacher's;
+            the clip of exactly that view; evaluation clips are stored views too (unflipped, the
+            crop position nearest the centre, starts spread over the grid's:
+            :meth:`~flowprep.teacher.views.ViewGrid.eval_views`), each with its own target. ``clip_len``, ``frame_stride`` and ``crop`` must be the teacher's;
             starts count flow positions (N-1 for N frames) whatever the modalities. Videos
             without targets are left out (with a warning).
         teacher_outputs: the stored outputs to return (``logits``, ``embedding``, layer names).
@@ -225,6 +226,8 @@ class ClipDataset(Dataset):
         if self.train and targets:
             views = [v for v in targets.views(video_id) if self.flip or not v.flip]
             start, y, x, flip = views[int(rng.integers(0, len(views)))]
+        elif targets:
+            start, y, x, flip = targets.eval_views(video_id, self.num_clips)[index % self.num_clips]
         elif self.train:
             start = self._start(length, 0, rng)
             y, x = int(rng.integers(0, h - self.crop + 1)), int(rng.integers(0, w - self.crop + 1))
@@ -236,8 +239,7 @@ class ClipDataset(Dataset):
         window = (slice(y, y + self.crop), slice(x, x + self.crop))
         item = {"label": meta["label_index"], "video_id": video_id, "start": start, "crop": (y, x), "flip": flip}
         if targets:
-            view = (start, y, x, flip) if self.train else targets.centre(video_id)
-            stored = targets.get(video_id, *view)
+            stored = targets.get(video_id, start, y, x, flip)
             item.update({f"teacher_{name}": torch.from_numpy(stored[name]) for name in self.teacher_outputs})
         if "rgb" in self.modalities and self.decode == "gpu":
             jpegs = reader.rgb_jpegs(video_id, frames, window)

@@ -31,7 +31,6 @@ import itertools
 import logging
 import os
 import threading
-import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -40,7 +39,7 @@ from dataclasses import dataclass
 import cv2
 import ray
 
-from flowprep.cluster import TRANSIENT, WORKER_WAIT_S, cluster_cpus, cluster_gpus, in_order, kill_actors, start_ray, \
+from flowprep.cluster import TRANSIENT, LiveWorkers, cluster_cpus, cluster_gpus, in_order, kill_actors, start_ray, \
     video_error, wait_for_workers, worker_count
 from flowprep.errors import DecodeError, VideoError, WorkerError
 from flowprep.flow import BACKENDS, get_backend
@@ -94,9 +93,9 @@ class DecodeWorker:
     """Decodes videos and has their chunks' flow computed by the flow workers, in order (for an
     RGB-only ``config``, with no flow workers, yields the decoded chunks as they are).
 
-    A flow worker counts as alive once it answered a ping; one lost while it held a chunk (its
-    process killed, its node gone) is pinged again and left aside until it answers, and the
-    chunk goes to a live worker, up to ``FLOW_ATTEMPTS`` times. Flow is deterministic, so where
+    A flow worker lost while it held a chunk (its process killed, its node gone) is left aside
+    until it answers again (:class:`~flowprep.cluster.LiveWorkers`), and the chunk goes to a
+    live worker, up to ``FLOW_ATTEMPTS`` times. Flow is deterministic, so where
     a chunk was solved changes no byte.
     """
 
@@ -106,28 +105,8 @@ class DecodeWorker:
         # Names, not handles: a restarted decoder finds the flow actors again by itself.
         self.flow_workers = [ray.get_actor(name) for name in flow_worker_names]
         self._pending: dict = {}  # flow task -> (worker index, pixels still to solve)
-        self._down = {w: worker.device.remote() for w, worker in enumerate(self.flow_workers)}  # worker -> ping
+        self._live = LiveWorkers(self.flow_workers, "flow worker")
         self._lock = threading.Lock()
-
-    def _alive(self) -> list[int]:
-        """The workers that answered their last ping, waiting up to ``WORKER_WAIT_S`` for one."""
-        deadline = time.monotonic() + WORKER_WAIT_S
-        while True:
-            pings = list(self._down.values())
-            answered, _ = ray.wait(pings, num_returns=len(pings), timeout=0) if pings else ([], [])
-            for w, ping in list(self._down.items()):
-                if ping in answered:
-                    try:
-                        ray.get(ping)
-                        del self._down[w]
-                    except TRANSIENT:
-                        self._down[w] = self.flow_workers[w].device.remote()
-            alive = [w for w in range(len(self.flow_workers)) if w not in self._down]
-            if alive:
-                return alive
-            if time.monotonic() > deadline:
-                raise WorkerError(f"no flow worker alive for {WORKER_WAIT_S:.0f} s (FLOWPREP_WORKER_WAIT_S)")
-            ray.wait(list(self._down.values()), num_returns=1, timeout=5)
 
     def _submit(self, chunk: VideoChunk):
         """Send ``chunk`` to the live flow worker with the fewest pixels still to solve (chunks
@@ -139,7 +118,7 @@ class DecodeWorker:
                 done, _ = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=0, fetch_local=False)
                 for ref in done:
                     del self._pending[ref]
-            load = {w: 0 for w in self._alive()}
+            load = {w: 0 for w in self._live.alive()}
             for worker, pixels in self._pending.values():
                 if worker in load:
                     load[worker] += pixels
@@ -185,7 +164,7 @@ class DecodeWorker:
             except TRANSIENT as e:
                 with self._lock:
                     self._pending.pop(ref, None)
-                    self._down[worker] = self.flow_workers[worker].device.remote()
+                    self._live.lost(worker)
                 log.warning("%s frames %d+: flow worker %d lost (%s), attempt %d of %d",
                             chunk.video_id, chunk.start, worker, type(e).__name__, attempt, FLOW_ATTEMPTS)
                 if attempt == FLOW_ATTEMPTS:

@@ -17,8 +17,10 @@ from flowprep.cluster import kill_actors
 from flowprep.samples import sample_clip
 from flowprep.shards import ShardReader
 from flowprep.shards.layout import complete_shards
+from flowprep.teacher.targets import TeacherTargets
 
 from conftest import RayCluster, textured_image, write_video
+from test_teacher import save_checkpoint
 
 KINETICS_JOB = Path(__file__).resolve().parents[1] / "pipelines" / "kinetics.py"
 
@@ -60,8 +62,8 @@ def test_missing_default_splits_are_skipped_and_a_named_one_is_an_error(tmp_path
     assert not (tmp_path / "out2").exists()
 
 
-def flow_worker_pids() -> list[int]:
-    found = subprocess.run(["pgrep", "-f", "ray::FlowWorker"], capture_output=True, text=True).stdout.split()
+def actor_pids(actor: str = "FlowWorker") -> list[int]:
+    found = subprocess.run(["pgrep", "-f", f"ray::{actor}"], capture_output=True, text=True).stdout.split()
     return [int(p) for p in found]
 
 
@@ -105,7 +107,7 @@ def assert_same_shards(out: Path, reference: Path) -> None:
 def test_a_killed_flow_worker_costs_no_video_and_changes_no_byte(pans, ray_cluster, tmp_path):
     args, reference = pans
     status, stdout, log = run_and_fault([*args, "--out", tmp_path / "out", "--workers", 2, "--ray-address", ray_cluster.address],
-                                        lambda: os.kill(flow_worker_pids()[0], signal.SIGKILL), env=ray_cluster.env)
+                                        lambda: os.kill(actor_pids()[0], signal.SIGKILL), env=ray_cluster.env)
     assert status == 0, log
     assert "6 written, 0 failed" in stdout and " lost (" in log  # the decoder's word that it sent the chunk elsewhere
     assert_same_shards(tmp_path / "out", reference)
@@ -188,3 +190,49 @@ def test_a_second_run_into_the_same_output_is_refused_and_the_first_is_unharmed(
     assert first.returncode == 0 and "6 written, 0 failed" in stdout, stderr
     assert_same_shards(out, reference)
     assert not (out / "flowprep.lock").exists()
+
+
+@pytest.fixture(scope="module")
+def teacher_run(small_shards, tmp_path_factory):
+    """A copy of the small shards, the arguments of a teacher run over them, and its targets
+    computed in this process (``reference``)."""
+    root = tmp_path_factory.mktemp("teacher")
+    out = root / "shards"
+    shutil.copytree(small_shards, out)
+    args = ["teacher", "--shards", out, "--model", "s3dg", "--checkpoint", save_checkpoint(root / "s3dg.pt", "s3dg"),
+            "--clip-len", 8, "--crop", 112, "--window-stride", 8, "--batch-size", 4, "--no-progress"]
+    result = subprocess.run([sys.executable, "-m", "flowprep.cli", *map(str, args), "--name", "reference", "--workers", "0"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return args, out
+
+
+def assert_targets_match(out: Path, name: str, reference: str = "reference") -> None:
+    """Every view of ``reference`` has targets under ``name`` too, equal but for the float16
+    rounding of arithmetic done with other thread counts."""
+    faulted, local = TeacherTargets(out, name), TeacherTargets(out, reference)
+    assert faulted.video_ids == local.video_ids and len(local) == 5
+    for video_id in local.video_ids:
+        assert faulted.views(video_id) == local.views(video_id)
+        for view in local.views(video_id):
+            np.testing.assert_allclose(faulted.get(video_id, *view)["logits"], local.get(video_id, *view)["logits"], atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.cluster
+def test_a_killed_teacher_worker_costs_no_target(teacher_run, ray_cluster):
+    args, out = teacher_run
+    status, stdout, log = run_and_fault([*args, "--name", "killed", "--workers", 2, "--ray-address", ray_cluster.address],
+                                        lambda: os.kill(actor_pids("TeacherWorker")[0], signal.SIGKILL), env=ray_cluster.env)
+    assert status == 0, log
+    assert "0 failed" in stdout and "5 of 5 videos have targets" in stdout and "lost with its teacher worker" in log
+    assert_targets_match(out, "killed")
+
+
+@pytest.mark.cluster
+def test_a_lost_node_during_a_teacher_run_costs_no_target(teacher_run, ray_cluster):
+    args, out = teacher_run
+    status, stdout, log = run_and_fault([*args, "--name", "node", "--workers", 2, "--ray-address", ray_cluster.address],
+                                        lambda: ray_cluster.kill_node(ray_cluster.nodes[1]), env=ray_cluster.env)
+    assert status == 0, log
+    assert "0 failed" in stdout and "5 of 5 videos have targets" in stdout and "lost with its teacher worker" in log
+    assert_targets_match(out, "node")

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -192,3 +193,32 @@ def test_killed_run_resumes_to_the_same_files_and_ray_matches_in_process(small_s
         assert on_ray.views(video_id) == local.views(video_id)
         for view in local.views(video_id)[:3]:
             np.testing.assert_allclose(on_ray.get(video_id, *view)["logits"], local.get(video_id, *view)["logits"], atol=2e-3, rtol=2e-3)
+
+
+def test_a_model_error_fails_the_videos_with_stage_model_and_exit_status_3(small_shards, tmp_path, monkeypatch):
+    out = tmp_path / "shards"
+    shutil.copytree(small_shards, out)
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
+    args = ["teacher", "--shards", out, "--name", "t", "--model", "exploding_teacher:model", "--num-classes", 2,
+            "--clip-len", CLIP, "--crop", CROP, "--window-stride", STRIDE, "--workers", 0, "--no-progress"]
+    failed = flowprep(*args, check_status=3)
+    assert "0 of 5 videos have targets, 5 have none" in failed.stdout and "more than --allow-failures 0" in failed.stderr
+    failures = [json.loads(line) for line in (out / "teachers" / "t" / "failures.jsonl").read_text().splitlines()]
+    assert {f["stage"] for f in failures} == {"model"} and "the model exploded" in failures[0]["error"]
+    assert "5 done before" in flowprep(*args, "--allow-failures", 5).stdout  # settled: the model's own error
+
+
+def test_evaluation_clips_are_stored_views_with_their_own_targets(stored):
+    out, *_ = stored
+    targets = TeacherTargets(out, "t")
+    for clips in (1, 2):
+        val = ClipDataset(out, ("flow",), clip_len=CLIP, crop=CROP, train=False, num_clips=clips, teacher="t")
+        starts = set()
+        for index in range(len(val)):
+            item = val[index]
+            view = View(item["start"], *item["crop"], item["flip"])
+            assert view in targets.views(item["video_id"]) and not item["flip"]
+            np.testing.assert_array_equal(item["teacher_logits"].numpy(), targets.get(item["video_id"], *view)["logits"])
+            starts.add((item["video_id"], item["start"]))
+        assert len(starts) == len(val) - (clips == 2)  # "short" has a single start: its two clips share it

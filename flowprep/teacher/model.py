@@ -36,9 +36,14 @@ class TeacherConfig:
 
 @dataclass
 class SegmentOutputs:
+    """A segment's outputs, name -> ``[V, dim]`` float16; or ``error`` and the ``stage`` it came
+    from: ``read`` (its stored flow), ``model`` (the model raised), ``worker`` (lost with its
+    worker on every attempt: never settled, a rerun computes it)."""
+
     segment: Segment
-    outputs: dict[str, np.ndarray] | None  # name -> [V, dim] float16
+    outputs: dict[str, np.ndarray] | None
     error: str | None = None
+    stage: str | None = None
 
 
 class TeacherModel:
@@ -97,7 +102,7 @@ class TeacherModel:
         out, row = [], 0
         for w in windows:
             if w.error is not None:
-                out.append(SegmentOutputs(w.segment, None, w.error))
+                out.append(SegmentOutputs(w.segment, None, w.error, "read"))
                 continue
             n = len(w.segment.views)
             out.append(SegmentOutputs(w.segment, {k: v[row : row + n] for k, v in merged.items()}))

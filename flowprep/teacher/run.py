@@ -14,6 +14,7 @@ import logging
 import shutil
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from tqdm import tqdm
 
 from flowprep.devices import resolve_device
 from flowprep.errors import OptionError
-from flowprep.lock import LOCK, output_lock
+from flowprep.lock import LOCK, HeldLock, output_lock
 from flowprep.networks import checkpoint_num_classes, load_state
 from flowprep.provenance import file_sha256, versions
 from flowprep.shards.layout import (
@@ -63,7 +64,7 @@ class TeacherMismatch(Exception):
 
 class TargetShardBuffer:
     """The outputs of one frame shard's videos as they arrive, segment by segment; a video with
-    a failed segment is left out whole."""
+    a failed segment is left out whole, with the first failure's stage and error."""
 
     def __init__(self):
         self.videos: dict[str, dict] = {}
@@ -72,13 +73,14 @@ class TargetShardBuffer:
         video = self.videos.setdefault(result.segment.video_id, {"positions": result.segment.positions, "views": [],
                                                                  "outputs": [], "error": None})
         if result.error is not None:
-            video["error"] = video["error"] or result.error
+            video["error"] = video["error"] or (result.stage, result.error)
         else:
             video["views"] += result.segment.views
             video["outputs"].append(result.outputs)
 
-    def failed(self) -> list[tuple[str, str]]:
-        return [(video_id, v["error"]) for video_id, v in self.videos.items() if v["error"] is not None]
+    def failed(self) -> list[tuple[str, str, str]]:
+        """``(video_id, stage, error)`` of each video left out."""
+        return [(video_id, *v["error"]) for video_id, v in self.videos.items() if v["error"] is not None]
 
     def write(self, folder: Storage, shard: str, schema, dims: dict[str, int], reader: ShardReader) -> list[dict]:
         """Publish the target shard; returns its index rows."""
@@ -98,9 +100,11 @@ class TargetShardBuffer:
 
 @dataclass
 class TeacherReport:
-    """What one run did; ``seconds`` from the first item submitted to the last written."""
+    """What one run did; ``seconds`` from the first item submitted to the last written;
+    ``stored``: videos with targets after the run (this run's and earlier runs')."""
 
     videos: int = 0
+    stored: int = 0
     skipped: int = 0
     written: int = 0
     failed: int = 0
@@ -113,7 +117,7 @@ class TeacherReport:
         return self.views / self.seconds if self.seconds > 0 else 0.0
 
 
-def describe_teacher(out: Storage, name: str, config: TeacherConfig, num_classes: int, dims: dict[str, int], device: str) -> dict:
+def describe_teacher(reader: ShardReader, name: str, config: TeacherConfig, num_classes: int, dims: dict[str, int], device: str) -> dict:
     """The content of teacher.json; ``params`` and ``sources`` must match for a run to resume."""
     return {
         "schema_version": TEACHER_SCHEMA_VERSION,
@@ -129,7 +133,7 @@ def describe_teacher(out: Storage, name: str, config: TeacherConfig, num_classes
             "stored": STORED,
         },
         "views_rule": VIEWS_RULE,
-        "sources": source_checksums(out),
+        "sources": source_checksums(reader),
         "run": {"checkpoint": config.checkpoint and str(Path(config.checkpoint).resolve()), "batch_size": config.batch_size,
                 "device": device},
         "versions": versions(),
@@ -152,9 +156,15 @@ def prepare_teacher(folder: Storage, description: dict, overwrite: bool) -> None
 
 
 def local_outputs(items: Iterable[WorkItem], reader: ShardReader, model: TeacherModel) -> Iterator[tuple[WorkItem, list[SegmentOutputs]]]:
-    """``(item, outputs)`` for each item, computed in this process."""
+    """``(item, outputs)`` for each item, computed in this process; a model that raises fails
+    the item's videos (stage ``model``), as on Ray."""
     for item in items:
-        yield item, model.run(read_windows(reader, item, model.config.grid))
+        windows = read_windows(reader, item, model.config.grid)
+        try:
+            outputs = model.run(windows)
+        except Exception as e:  # the model's own error, whatever its type: the videos fail, not the run
+            outputs = [SegmentOutputs(w.segment, None, f"{type(e).__name__}: {e}", "model") for w in windows]
+        yield item, outputs
 
 
 def compute_targets(
@@ -181,12 +191,12 @@ def compute_targets(
         raise OptionError(f"{out} was extracted with --flow none: it holds no flow, and the teacher runs on flow", "out")
     folder = storage(teacher_dir(out, name))
     folder.makedirs()
-    with output_lock(folder):
-        return _compute_targets(reader, folder, name, config, overwrite, workers, ray_address, progress)
+    with output_lock(folder) as lock:
+        return _compute_targets(reader, folder, lock, name, config, overwrite, workers, ray_address, progress)
 
 
-def _compute_targets(reader: ShardReader, folder: Storage, name: str, config: TeacherConfig, overwrite: bool,
-                     workers: int | None, ray_address: str | None, progress: bool | None) -> TeacherReport:
+def _compute_targets(reader: ShardReader, folder: Storage, lock: HeldLock, name: str, config: TeacherConfig,
+                     overwrite: bool, workers: int | None, ray_address: str | None, progress: bool | None) -> TeacherReport:
     out = reader.storage
     state = load_state(config.checkpoint) if config.checkpoint else None
     num_classes = config.num_classes or (checkpoint_num_classes(state) if state else None)
@@ -196,14 +206,16 @@ def _compute_targets(reader: ShardReader, folder: Storage, name: str, config: Te
     # Built here first: a checkpoint that does not fit fails before anything starts.
     probe = TeacherModel(config, state, num_classes, reader.flow_bound, "cpu")
     dims = probe.output_dims()
-    description = describe_teacher(out, name, config, num_classes, dims, device)
+    description = describe_teacher(reader, name, config, num_classes, dims, device)
     prepare_teacher(folder, description, overwrite)
     for path in remove_leftovers(folder):
         log.info("removed %s, left by an interrupted run", path)
     index = rebuild_index(folder, TARGET_INDEX_SCHEMA).to_pylist()
     done = set(complete_shards(folder))
     settled = [f for f in read_failures(folder) if f.get("shard") in done]
-    todo = [s for s in complete_shards(out) if s not in done]
+    # The shards as the reader's index has them: one view of the output, however an extract
+    # beside this run changes it.
+    todo = [s for s in dict.fromkeys(reader.meta(v)["shard"] for v in reader.video_ids) if s not in done]
     report = TeacherReport(videos=len(reader), skipped=len(index) + len(settled), failed=len(settled), failures=settled)
     total_views = views_to_compute(reader, todo, config.grid)
     log.info("teacher %s: %d videos, %d done before, %d views to compute", name, len(reader), report.skipped, total_views)
@@ -223,25 +235,38 @@ def _compute_targets(reader: ShardReader, folder: Storage, name: str, config: Te
     write_failures(folder, report.failures)
     start = time.perf_counter()
     buffer = TargetShardBuffer()
-    for item, outputs in results:
-        for result in outputs:
-            buffer.add(result)
-            report.views += len(result.segment.views) if result.error is None else 0
-            bar.update(len(result.segment.views))
-        if item.last:
-            lost = [(v, "views", e) for v, e in item.unviewable] + [(v, "read", e) for v, e in buffer.failed()]
-            for video_id, stage, error in lost:
-                report.failures.append({"video_id": video_id, "stage": stage, "error": error, "shard": item.shard})
-                log.warning("no targets for %s (%s): %s", video_id, stage, error)
-            report.failed += len(lost)
-            write_failures(folder, report.failures)  # before the shard: a complete shard's failures are never lost
-            rows = buffer.write(folder, item.shard, schema, dims, reader)
-            index += rows
-            write_table(folder, INDEX, pa.Table.from_pylist(index, schema=TARGET_INDEX_SCHEMA))
-            report.written += len(rows)
-            buffer = TargetShardBuffer()
-            log.info("target shard complete: %s", item.shard)
-        report.seconds = time.perf_counter() - start
-        bar.set_postfix(views_s=f"{report.views_per_second:.1f}", failed=report.failed)
+    with closing(results):  # a Ray run's actors are killed however this loop ends
+        for item, outputs in results:
+            for result in outputs:
+                buffer.add(result)
+                report.views += len(result.segment.views) if result.error is None else 0
+                bar.update(len(result.segment.views))
+            if item.last:
+                lock.check()  # a run that lost its lock publishes nothing more
+                _finish_shard(folder, item, buffer, schema, dims, reader, index, report)
+                buffer = TargetShardBuffer()
+            report.seconds = time.perf_counter() - start
+            bar.set_postfix(views_s=f"{report.views_per_second:.1f}", failed=report.failed)
     bar.close()
+    report.stored = len(index)
     return report
+
+
+def _finish_shard(folder: Storage, item: WorkItem, buffer: TargetShardBuffer, schema: pa.Schema, dims: dict[str, int],
+                  reader: ShardReader, index: list[dict], report: TeacherReport) -> None:
+    """Record the failures of ``item``'s shard and publish its target shard, extending ``index``.
+    A shard with videos lost to worker faults is not published: the next run computes it whole."""
+    lost = [(v, "views", e) for v, e in item.unviewable] + buffer.failed()
+    for video_id, stage, error in lost:
+        report.failures.append({"video_id": video_id, "stage": stage, "error": error, "shard": item.shard})
+        log.warning("no targets for %s (%s): %s", video_id, stage, error)
+    report.failed += len(lost)
+    write_failures(folder, report.failures)  # before the shard: a complete shard's failures are never lost
+    if any(stage == "worker" for _, stage, _ in lost):
+        log.warning("target shard %s not written: videos lost with their workers; the next run computes it", item.shard)
+        return
+    rows = buffer.write(folder, item.shard, schema, dims, reader)
+    index += rows
+    write_table(folder, INDEX, pa.Table.from_pylist(index, schema=TARGET_INDEX_SCHEMA))
+    report.written += len(rows)
+    log.info("target shard complete: %s", item.shard)

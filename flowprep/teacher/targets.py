@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flowprep.shards.layout import DATASET_JSON, INDEX, TEACHER_JSON, TEACHERS, index_part, write_table
+from flowprep.shards.reader import ShardReader
 from flowprep.storage import Storage, storage
 from flowprep.teacher.views import View, ViewGrid
 
@@ -66,12 +67,12 @@ def target_schema(outputs: dict[str, int], metadata: dict[str, str] | None = Non
     return pa.schema(fields, metadata=metadata)
 
 
-def source_checksums(out: Storage) -> dict[str, str]:
-    """What the targets were computed from: sha256 of the shards' dataset.json and of their
-    index's ``video_id checksum`` lines (so re-extracted frames show as a change)."""
-    index = pq.read_table(pa.BufferReader(out.read_bytes(INDEX)), columns=["video_id", "checksum"]).to_pylist()
-    lines = "".join(f"{r['video_id']} {r['checksum']}\n" for r in sorted(index, key=lambda r: r["video_id"]))
-    return {"dataset_json_sha256": hashlib.sha256(out.read_bytes(DATASET_JSON)).hexdigest(),
+def source_checksums(reader: ShardReader) -> dict[str, str]:
+    """What the targets were computed from: sha256 of the shards' dataset.json and of the
+    ``video_id checksum`` lines of ``reader``'s index (so re-extracted frames show as a change)."""
+    rows = sorted((reader.meta(v) for v in reader.video_ids), key=lambda r: r["video_id"])
+    lines = "".join(f"{r['video_id']} {r['checksum']}\n" for r in rows)
+    return {"dataset_json_sha256": hashlib.sha256(reader.storage.read_bytes(DATASET_JSON)).hexdigest(),
             "index_sha256": hashlib.sha256(lines.encode()).hexdigest()}
 
 
@@ -156,8 +157,12 @@ class TeacherTargets:
 
     def centre(self, video_id: str) -> View:
         """The grid view nearest to the evaluation clip (centre start, centre crop, unflipped)."""
+        return self.eval_views(video_id, 1)[0]
+
+    def eval_views(self, video_id: str, clips: int) -> list[View]:
+        """The stored views that ``clips`` evaluation clips take (:meth:`ViewGrid.eval_views`)."""
         row = self._video(video_id)
-        return self.grid.centre(row["positions"], row["height"], row["width"])
+        return self.grid.eval_views(row["positions"], row["height"], row["width"], clips)
 
     def get(self, video_id: str, start: int, top: int, left: int, flip: bool) -> dict[str, np.ndarray]:
         """Every output of one view, name -> ``[dim]`` float32. ``KeyError`` for a view off the grid."""

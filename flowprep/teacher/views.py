@@ -94,12 +94,22 @@ class ViewGrid:
     def centre(self, positions: int, height: int, width: int) -> View:
         """The unflipped view nearest to an evaluation clip: the start nearest the centre clip's
         (``(positions - span) // 2``) and the crop position nearest the centre crop."""
+        return self.eval_views(positions, height, width, 1)[0]
+
+    def eval_views(self, positions: int, height: int, width: int, clips: int) -> list[View]:
+        """The views that ``clips`` evaluation clips of a video take, unflipped, at the crop
+        position nearest the centre crop: for one clip the start nearest the centre clip's
+        (``(positions - span) // 2``), for more the grid's starts spread evenly from the first to
+        the last (a start repeats when the grid has fewer than ``clips``)."""
         starts = self.starts(positions)
-        middle = max(positions - self.span, 0) // 2
-        start = min(starts, key=lambda s: (abs(s - middle), s))
+        if clips == 1:
+            middle = max(positions - self.span, 0) // 2
+            chosen = [min(starts, key=lambda s: (abs(s - middle), s))]
+        else:
+            chosen = [starts[round(k * (len(starts) - 1) / (clips - 1))] for k in range(clips)]
         centre = ((height - self.crop) // 2, (width - self.crop) // 2)
         top, left = min(self.corners(height, width), key=lambda c: abs(c[0] - centre[0]) + abs(c[1] - centre[1]))
-        return View(start, top, left, False)
+        return [View(start, top, left, False) for start in chosen]
 
     def to_dict(self) -> dict:
         return {"clip_len": self.clip_len, "frame_stride": self.frame_stride, "crop": self.crop,

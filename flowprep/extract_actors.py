@@ -149,6 +149,9 @@ class DecodeWorker:
         while in_flight:
             yield self._result(*in_flight.popleft())
 
+    def device(self) -> str:
+        return "cpu"
+
     def write(self, plan: ShardPlan, out: Storage, label_map: dict[str, int], metadata: dict[str, str]) -> ShardResult:
         """Decode the shard's videos (their flow solved by the flow workers) and write the shard
         straight to ``out`` (closed, not committed: the driver commits it)."""
@@ -177,14 +180,15 @@ class DecodeWorker:
             return result
 
 
-def _chunks(spec: VideoSpec, decode) -> Iterator[VideoChunk]:
-    """The chunks of ``spec`` from ``decode(attempt)`` (a decode task's generator). A decoder lost
-    on the way (its node gone) or a chunk lost with a node is a cluster fault: the video is
-    decoded again by another decoder, up to ``VIDEO_ATTEMPTS`` times, and the chunks already
-    delivered are skipped, so the writer sees each chunk once, in order."""
+def _chunks(spec: VideoSpec, decode, decoders: LiveWorkers) -> Iterator[VideoChunk]:
+    """The chunks of ``spec`` from ``decode(attempt)`` (a decode task's generator and the decoder
+    running it). A decoder lost on the way (its node gone) or a chunk lost with a node is a
+    cluster fault: the video is decoded again by a live decoder (one restarted by Ray counts
+    once it answers), up to ``VIDEO_ATTEMPTS`` times, and the chunks already delivered are
+    skipped, so the writer sees each chunk once, in order."""
     delivered = 0  # frames handed out
     for attempt in range(VIDEO_ATTEMPTS):
-        generator = decode(attempt)
+        generator, decoder = decode(attempt)
         try:
             for ref in generator:
                 chunk = ray.get(ref)
@@ -194,6 +198,7 @@ def _chunks(spec: VideoSpec, decode) -> Iterator[VideoChunk]:
                 yield chunk
             return
         except TRANSIENT as e:
+            decoders.lost(decoder)
             log.warning("%s: decoder lost at frame %d (%s), attempt %d of %d", spec.video_id, delivered, type(e).__name__,
                         attempt + 1, VIDEO_ATTEMPTS)
             error = e
@@ -292,15 +297,16 @@ def ray_write_shards(
         nodes = sum(node["Alive"] for node in ray.nodes())
         writers = "workers" if not out.local or nodes == 1 else "driver"
     decode_workers = start_decoders(config, cluster.names, cluster.decoders, cluster.window)
+    decoders = LiveWorkers(decode_workers, "decoder")
     try:
         if writers == "driver":
             log.info("ray: %d decoders, every shard written by this process", cluster.decoders)
-            videos = _in_order([spec for plan in plans for spec in plan.videos], decode_workers, cluster.window)
+            videos = _in_order([spec for plan in plans for spec in plan.videos], decoders, cluster.window)
             yield from write_in_order(out, plans, config, label_map, metadata, videos, on_video)
         else:
             log.info("ray: %d decoders, up to %d shards at a time, each written by its decoder to %s", cluster.decoders,
                      cluster.window, out)
-            for plan, result in _write_on_workers(plans, config, out, label_map, metadata, decode_workers, cluster.window):
+            for plan, result in _write_on_workers(plans, config, out, label_map, metadata, decoders, cluster.window):
                 if on_video:
                     for row in [*result.rows, *[None] * len(result.failures)]:
                         on_video(row)
@@ -309,23 +315,25 @@ def ray_write_shards(
         kill_actors(cluster.flow_workers + decode_workers)
 
 
-def _write_on_workers(plans, config, out, label_map, metadata, decode_workers, window: int):
-    """``(plan, result)`` as the ``decode_workers`` complete them, ``window`` shards in flight."""
+def _write_on_workers(plans, config, out, label_map, metadata, decoders: LiveWorkers, window: int):
+    """``(plan, result)`` as the ``decoders`` complete them, ``window`` shards in flight."""
     todo = iter(plans)
-    running: dict = {}  # shard write -> (plan, attempt)
+    running: dict = {}  # shard write -> (plan, attempt, decoder)
 
     def submit(plan: ShardPlan, attempt: int = 1) -> None:
-        decoder = decode_workers[(plan.number + attempt - 1) % len(decode_workers)]  # another one on each attempt
-        running[decoder.write.remote(plan, out, label_map, metadata)] = (plan, attempt)
+        alive = decoders.alive()
+        decoder = alive[(plan.number + attempt - 1) % len(alive)]  # another live one on each attempt
+        running[decoders.actors[decoder].write.remote(plan, out, label_map, metadata)] = (plan, attempt, decoder)
 
     for plan in itertools.islice(todo, window):
         submit(plan)
     while running:
         [ref], _ = ray.wait(list(running), num_returns=1)
-        plan, attempt = running.pop(ref)
+        plan, attempt, decoder = running.pop(ref)
         try:
             result = ray.get(ref)
         except TRANSIENT as e:
+            decoders.lost(decoder)
             if attempt < SHARD_ATTEMPTS:
                 log.warning("shard %d lost with its decoder (%s), attempt %d of %d", plan.number, type(e).__name__, attempt, SHARD_ATTEMPTS)
                 submit(plan, attempt + 1)
@@ -353,16 +361,18 @@ def decode_task(decoder, spec: VideoSpec):
     return decoder.decode.options(_generator_backpressure_num_objects=BACKPRESSURE_CHUNKS).remote(spec)
 
 
-def _in_order(specs, decode_workers, window):
+def _in_order(specs, decoders: LiveWorkers, window):
     """``(spec, chunks)`` for each of ``specs`` in order, ``window`` videos in flight over the
-    ``decode_workers``."""
+    live ``decoders``."""
 
-    def submit(i: int, spec: VideoSpec):
-        return i, decode_task(decode_workers[i % len(decode_workers)], spec)
+    def start(k: int, spec: VideoSpec):
+        alive = decoders.alive()
+        decoder = alive[k % len(alive)]
+        return decode_task(decoders.actors[decoder], spec), decoder
 
-    for spec, (i, first) in in_order(specs, submit, window):
+    for spec, (i, generator, decoder) in in_order(specs, lambda i, spec: (i, *start(i, spec)), window):
 
-        def decode(attempt, spec=spec, first=first, i=i):
-            return first if attempt == 0 else decode_task(decode_workers[(i + attempt) % len(decode_workers)], spec)
+        def decode(attempt: int, spec=spec, first=(generator, decoder), i=i):
+            return first if attempt == 0 else start(i + attempt, spec)  # another live one on each attempt
 
-        yield spec, _chunks(spec, decode)
+        yield spec, _chunks(spec, decode, decoders)

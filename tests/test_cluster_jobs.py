@@ -62,8 +62,11 @@ def test_missing_default_splits_are_skipped_and_a_named_one_is_an_error(tmp_path
     assert not (tmp_path / "out2").exists()
 
 
-def actor_pids(actor: str = "FlowWorker") -> list[int]:
-    found = subprocess.run(["pgrep", "-f", f"ray::{actor}"], capture_output=True, text=True).stdout.split()
+def actor_pids(cluster: RayCluster, actor: str = "FlowWorker") -> list[int]:
+    """The processes of ``actor`` on ``cluster``'s nodes (each node a session of its own), not
+    those of any other Ray on this machine."""
+    sessions = ",".join(str(node.pid) for node in cluster.nodes)
+    found = subprocess.run(["pgrep", "-s", sessions, "-f", f"ray::{actor}"], capture_output=True, text=True).stdout.split()
     return [int(p) for p in found]
 
 
@@ -107,7 +110,7 @@ def assert_same_shards(out: Path, reference: Path) -> None:
 def test_a_killed_flow_worker_costs_no_video_and_changes_no_byte(pans, ray_cluster, tmp_path):
     args, reference = pans
     status, stdout, log = run_and_fault([*args, "--out", tmp_path / "out", "--workers", 2, "--ray-address", ray_cluster.address],
-                                        lambda: os.kill(actor_pids()[0], signal.SIGKILL), env=ray_cluster.env)
+                                        lambda: os.kill(actor_pids(ray_cluster)[0], signal.SIGKILL), env=ray_cluster.env)
     assert status == 0, log
     assert "6 written, 0 failed" in stdout and " lost (" in log  # the decoder's word that it sent the chunk elsewhere
     assert_same_shards(tmp_path / "out", reference)
@@ -222,7 +225,7 @@ def assert_targets_match(out: Path, name: str, reference: str = "reference") -> 
 def test_a_killed_teacher_worker_costs_no_target(teacher_run, ray_cluster):
     args, out = teacher_run
     status, stdout, log = run_and_fault([*args, "--name", "killed", "--workers", 2, "--ray-address", ray_cluster.address],
-                                        lambda: os.kill(actor_pids("TeacherWorker")[0], signal.SIGKILL), env=ray_cluster.env)
+                                        lambda: os.kill(actor_pids(ray_cluster, "TeacherWorker")[0], signal.SIGKILL), env=ray_cluster.env)
     assert status == 0, log
     assert "0 failed" in stdout and "5 of 5 videos have targets" in stdout and "lost with its teacher worker" in log
     assert_targets_match(out, "killed")

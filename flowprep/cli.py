@@ -20,9 +20,10 @@ from flowprep.extract import ExtractReport, OutputMismatch, OutputRefused, allow
 from flowprep.flow import BACKENDS, parse_flow_params
 from flowprep.lock import OutputLocked
 from flowprep.pipeline import NO_FLOW, ExtractConfig
+from flowprep.process import run_and_exit
 from flowprep.shards import ShardReader
-from flowprep.shards.layout import FAILURES, read_failures
-from flowprep.storage import storage
+from flowprep.shards.layout import FAILURES, TEACHERS, read_failures
+from flowprep.storage import Storage, storage
 from flowprep.teacher.targets import list_teachers
 
 EXIT_FAILURES = 3
@@ -235,19 +236,23 @@ def describe(out: str | Path) -> dict:
         "videos_per_split": dict(sorted(Counter(r["split"] or NO_SPLIT for r in rows).items())),
         "params": reader.dataset["params"],
         "versions": reader.dataset["versions"],
-        "teachers": {name: describe_teacher(out, name) for name in list_teachers(store)},
+        "teachers": {name: describe_teacher(store, name) for name in list_teachers(store)},
     }
 
 
-def describe_teacher(out: Path, name: str) -> dict:
+def describe_teacher(out: Storage, name: str) -> dict:
+    """A teacher's summary, or ``{"error": ...}`` naming the file that cannot be read: one bad
+    teacher folder does not hide the rest of the output."""
     from flowprep.teacher.targets import TeacherTargets
 
-    targets = TeacherTargets(out, name)
-    params = targets.description["params"]
-    return {"model": params["model"], "outputs": params["outputs"], "grid": params["grid"], "videos": len(targets),
-            "views": targets.total_views,
-            "failed": len(read_failures(targets.folder)),
-            "bytes": sum(p.stat().st_size for p in (targets.folder / "shards").glob("*.arrow"))}
+    try:
+        targets = TeacherTargets(out, name)
+        params = targets.description["params"]
+        return {"model": params["model"], "outputs": targets.outputs, "grid": params["grid"], "videos": len(targets),
+                "views": targets.total_views, "failed": len(read_failures(targets.store)),
+                "bytes": sum(size for n, size in targets.store.files("shards").items() if n.endswith(".arrow"))}
+    except READ_ERRORS as e:
+        return {"error": one_line(e)}
 
 
 @main.command()
@@ -277,6 +282,9 @@ def info(out, as_json):
     else:
         click.echo(f"flow:    {NO_FLOW} (RGB only)")
     for name, t in summary["teachers"].items():
+        if "error" in t:
+            click.echo(f"teacher: {name}: cannot be read: {t['error']}")
+            continue
         g = t["grid"]
         click.echo(f"teacher: {name}: {t['model']}, {t['videos']} videos ({t['failed']} failed), {t['views']} views "
                    f"(clip {g['clip_len']}x{g['frame_stride']}, crop {g['crop']}, every {g['window_stride']}, {g['crops']} crops"
@@ -300,11 +308,12 @@ def info(out, as_json):
 @click.option("--device", default="auto", show_default=True, help="auto (cuda when there is one), cpu, cuda.")
 @click.option("--workers", type=click.IntRange(min=0), help="Model workers (default: one per GPU of the Ray cluster, else one per CPU; 0: no Ray, this process only).")
 @click.option("--ray-address", envvar="RAY_ADDRESS", help="Ray cluster to use, e.g. auto (default: $RAY_ADDRESS, else a local Ray).")
-@click.option("--overwrite", is_flag=True, help="Delete existing targets of this name and start over.")
+@click.option("--overwrite", is_flag=True, help="Delete the targets of this name (flowprep's files only; a folder holding others is refused) and start over.")
+@click.option("--retry-failed", is_flag=True, help="On a rerun, compute again the target shards that hold failed videos too.")
 @ALLOW_FAILURES
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 def teacher_command(out, name, model, checkpoint, num_classes, clip_len, frame_stride, crop, window_stride, crops, flip,
-                    outputs, batch_size, device, workers, ray_address, overwrite, allow_failures, progress):
+                    outputs, batch_size, device, workers, ray_address, overwrite, retry_failed, allow_failures, progress):
     """Run a flow-stream network once over every stored view and keep its outputs.
 
     Every video gets a grid of views (clip starts every --window-stride flow positions, --crops
@@ -315,25 +324,36 @@ def teacher_command(out, name, model, checkpoint, num_classes, clip_len, frame_s
     the teacher's failures.jsonl; a lost Ray worker's work is done again by another worker.
 
     Exit status: 0 when every video has targets or the failures are within --allow-failures; 3
-    when more failed; 1 on other errors (the folder holds targets of other options, a checkpoint
-    that does not fit, another run holds the lock); 2 on bad usage.
+    when more failed; 1 on other errors (the folder holds targets of other options, damaged
+    targets or files flowprep did not write, a checkpoint that does not fit the model or a
+    teacher of another class count than the shards, another run holds the lock); 2 on bad usage
+    (an unknown model, device or output, a file that is not a checkpoint). Nothing is written
+    when the options or the model fail their checks.
     """
-    check_allow_failures(allow_failures)
-    from flowprep.networks import MODELS, CheckpointMismatch
+    from flowprep.devices import resolve_device
+    from flowprep.networks import MODELS, CheckpointMismatch, CheckpointUnreadable
     from flowprep.teacher.run import TeacherConfig, TeacherMismatch, compute_targets
     from flowprep.teacher.views import ViewGrid
 
     if model in MODELS and not checkpoint:
         raise click.UsageError(f"--model {model} needs --checkpoint")
+    check_allow_failures(allow_failures)
+    try:
+        resolve_device(device)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--device") from None
     try:
         config = TeacherConfig(model=model, checkpoint=checkpoint, num_classes=num_classes,
                                grid=ViewGrid(clip_len, frame_stride, crop, window_stride, crops, flip),
                                outputs=tuple(o.strip() for o in outputs.split(",") if o.strip()), batch_size=batch_size, device=device)
-        report = compute_targets(out, name, config, overwrite=overwrite, workers=workers, ray_address=ray_address, progress=progress)
-    except OptionError as e:  # an output without flow
+        report = compute_targets(out, name, config, overwrite=overwrite, retry_failed=retry_failed, workers=workers,
+                                 ray_address=ray_address, progress=progress)
+    except OptionError as e:  # an output without flow, an unknown model or output, no class count
         raise bad_usage(e) from None
+    except CheckpointUnreadable as e:
+        raise click.BadParameter(str(e), param_hint="--checkpoint") from None
     except (CheckpointMismatch, TeacherMismatch, OutputLocked, ValueError, FileNotFoundError) as e:
-        raise click.ClickException(str(e)) from None
+        raise click.ClickException(one_line(e)) from None
     click.echo(f"videos:  {report.videos} in the shards, {report.skipped} done before, {report.written} written, {report.failed} failed"
                + (f" (see {Path(out) / 'teachers' / name / FAILURES})" if report.failed else ""))
     click.echo(f"views:   {report.views} in {report.seconds:.1f} s ({report.views_per_second:.2f} views/s)")
@@ -346,7 +366,8 @@ def teacher_command(out, name, model, checkpoint, num_classes, clip_len, frame_s
 @click.option("--sample-frames", default=3, show_default=True, type=click.IntRange(min=1), help="Frames decoded per video.")
 @click.option("--repair", is_flag=True, help="Drop every damaged shard (and leftovers of an interrupted run) and rebuild the index; then rerun the extract command to extract the dropped videos again. Refused while a run writes OUT.")
 def verify(out, sample_frames, repair):
-    """Check every shard against the index checksums and decode a sample of frames.
+    """Check every shard against the index checksums and decode a sample of frames, and every
+    teacher's target shards (size, sha256, finite values, rows that hold their views).
 
     Exit status 0 when all is whole, 1 with the list of problems otherwise. With --repair, the
     problems are listed, every damaged shard is dropped with its index rows and the index is
@@ -356,12 +377,19 @@ def verify(out, sample_frames, repair):
     """
     from flowprep.shards.verify import repair as repair_output
     from flowprep.shards.verify import verify as verify_output
+    from flowprep.teacher.verify import repair_targets, target_problems
 
+    store = storage(out)
     try:
         if repair:
-            problems, dropped = repair_output(out, sample_frames)
+            problems, dropped = repair_output(store, sample_frames)
+            for name in list_teachers(store):
+                found, gone = repair_targets(store, name)
+                problems += found
+                dropped += [f"{TEACHERS}/{name}/{shard}" for shard in gone]
         else:
-            problems = verify_output(out, sample_frames)
+            problems = verify_output(store, sample_frames)
+            problems += [p for name in list_teachers(store) for _, p in target_problems(store, name)]
     except OutputLocked as e:
         raise click.ClickException(str(e)) from None
     except READ_ERRORS as e:
@@ -371,7 +399,7 @@ def verify(out, sample_frames, repair):
     if repair:
         if dropped:
             click.echo(f"dropped {len(dropped)} damaged shard(s): {', '.join(dropped)}; rerun the extract command "
-                       "(same options) to extract their videos again")
+                       "(same options) to extract their videos again, and flowprep teacher for teacher targets")
         click.echo(f"{out}: {len(ShardReader(out))} videos whole" + (", repaired" if problems else ", nothing to repair"))
         return
     if problems:
@@ -449,5 +477,10 @@ def demo(out, workers):
     click.echo(f"inspect it: flowprep info {out}")
 
 
+def run() -> None:
+    """The ``flowprep`` console command: :func:`main`, ended by :func:`~flowprep.process.run_and_exit`."""
+    run_and_exit(main)
+
+
 if __name__ == "__main__":
-    main()
+    run()

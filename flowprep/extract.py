@@ -21,7 +21,6 @@ from pathlib import Path
 import cv2
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from flowprep.errors import OptionError
@@ -43,6 +42,7 @@ from flowprep.shards.layout import (
     damaged_shards,
     description_difference,
     output_files,
+    parse_table,
     read_dataset_json,
     read_failures,
     rebuild_index,
@@ -178,7 +178,7 @@ def local_video_chunks(specs: Iterable[VideoSpec], config: ExtractConfig) -> Ite
 
 def read_plan(out: Storage) -> pa.Table:
     """The stored shard plan of ``out`` (``PLAN_SCHEMA``; empty before the first run)."""
-    return pq.read_table(pa.BufferReader(out.read_bytes(PLAN)), schema=PLAN_SCHEMA) if out.exists(PLAN) else PLAN_SCHEMA.empty_table()
+    return parse_table(out.read_bytes(PLAN), PLAN_SCHEMA) if out.exists(PLAN) else PLAN_SCHEMA.empty_table()
 
 
 def plan_output(out: Storage, stored: pa.Table, specs: list[VideoSpec], config: ExtractConfig, redo: set[str]) -> list[ShardPlan]:

@@ -16,11 +16,14 @@ H = W >= 112 and T >= 8; outputs are per-time logits ``[B, num_classes, T']``.
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from flowprep.errors import OptionError
 
 MODELS = ("i3d", "s3dg")
 
@@ -229,37 +232,57 @@ class S3DG(_InceptionV1Video):
 
 def build_model(name: str, in_channels: int, num_classes: int) -> nn.Module:
     """``"i3d"``, ``"s3dg"``, or ``"package.module:factory"``, which is called as
-    ``factory(in_channels=..., num_classes=...)``; anything else is a ValueError."""
+    ``factory(in_channels=..., num_classes=...)`` and must return a module; anything else is an
+    :class:`~flowprep.errors.OptionError` naming ``model``."""
     if name == "i3d":
         return InceptionI3d(num_classes, in_channels)
     if name == "s3dg":
         return S3DG(num_classes, in_channels)
     module_name, _, attr = name.partition(":")
     if not module_name or not attr:
-        raise ValueError(f"unknown model {name!r}: use one of {', '.join(MODELS)} or 'package.module:factory'")
+        raise OptionError(f"unknown model {name!r}: use one of {', '.join(MODELS)} or 'package.module:factory'", "model")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
-        raise ValueError(f"model {name!r}: cannot import {module_name}: {e}") from e
+        raise OptionError(f"model {name!r}: cannot import {module_name}: {e}", "model") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise ValueError(f"model {name!r}: {module_name} has no callable {attr!r}")
-    return factory(in_channels=in_channels, num_classes=num_classes)
+        raise OptionError(f"model {name!r}: {module_name} has no callable {attr!r}", "model")
+    try:
+        model = factory(in_channels=in_channels, num_classes=num_classes)
+    except TypeError as e:
+        raise OptionError(f"model {name!r}: {attr}(in_channels=, num_classes=) fails: {e}", "model") from None
+    if not isinstance(model, nn.Module):
+        raise OptionError(f"model {name!r}: {attr}(in_channels=, num_classes=) returned a {type(model).__name__}, "
+                          "not a torch module", "model")
+    return model
 
 
 def load_state(path) -> dict[str, Tensor]:
     """The state dict in a ``torch.load``-able file: a plain one, or one held under ``state_dict``
     or ``model``; a ``module.`` prefix (DataParallel/DDP) on every key is removed."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols of files it then refuses
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises many kinds for a file that is not a checkpoint
+        text = str(e).strip()
+        reason = ("it holds Python objects other than weights" if "Weights only load failed" in text
+                  else text.splitlines()[0] if text else "empty or cut short")
+        raise CheckpointUnreadable(f"{path} is not a PyTorch checkpoint flowprep can load: {type(e).__name__}: {reason}") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path}: no state dict (a dict of tensors, or one under 'state_dict' or 'model')")
+        raise CheckpointUnreadable(f"{path}: no state dict (a dict of tensors, or one under 'state_dict' or 'model')")
     if state and all(k.startswith("module.") for k in state):
         state = {k.removeprefix("module."): v for k, v in state.items()}
     return state
+
+
+class CheckpointUnreadable(ValueError):
+    """A file that is not a checkpoint of weights (empty, cut short, text, another pickle)."""
 
 
 def checkpoint_num_classes(state: dict) -> int | None:

@@ -171,3 +171,24 @@ def test_demo_extracts_the_sample_clips_and_reads_one_back(tmp_path):
     result = flowprep("demo", "--out", out, "--workers", 2)
     assert "3 written, 0 failed" in result.stdout and "read back" in result.stdout
     assert sorted(ShardReader(out).video_ids) == ["bigbuckbunny", "bikes", "carphone"]
+
+
+def test_a_command_ends_after_pythons_exit_work_with_its_status(tmp_path):
+    """flowprep's commands end through run_and_exit: exit handlers run and piped output is all
+    there, and the status is the command's, whatever C++ destructors would have done."""
+    script = tmp_path / "cmd.py"
+    script.write_text(
+        "import atexit, sys, threading\n"
+        "from flowprep.process import run_and_exit\n"
+        "atexit.register(lambda: print('handler ran'))\n"
+        "printed = threading.Event()\n"
+        "def main():\n"
+        "    threading.Thread(target=lambda: printed.wait() and print('thread done')).start()\n"
+        "    print('x' * 100000)\n"
+        "    printed.set()\n"
+        "    sys.exit(int(sys.argv[1]))\n"
+        "run_and_exit(main)\n")
+    for status in (0, 3):
+        result = subprocess.run([sys.executable, str(script), str(status)], capture_output=True, text=True)
+        assert result.returncode == status
+        assert result.stdout == "x" * 100000 + "\nthread done\nhandler ran\n"

@@ -280,3 +280,22 @@ def test_overwrite_on_s3_deletes_only_flowprep_objects(s3, src):
     assert status == 1 and f"holds files that flowprep did not write: {out}/notes.txt" in output
     assert objects(out) == {"notes.txt": 14}
     assert read_failures(out) == []
+
+
+def test_info_on_s3_summarises_its_teachers(s3, src, tmp_path):
+    from flowprep.teacher.run import TeacherConfig, compute_targets
+    from flowprep.teacher.views import ViewGrid
+
+    local = tmp_path / "out"
+    assert flowprep("extract", "--src", src, "--out", local, *ARGS)[0] == 0
+    torch.manual_seed(0)
+    config = TeacherConfig("test_train:tiny", None, ViewGrid(clip_len=4, crop=48, window_stride=4), num_classes=2)
+    assert compute_targets(local, "tiny", config, workers=0, progress=False).written == VIDEOS
+    out = f"{s3}/runs/taught"
+    store = storage(out)
+    for path in sorted(p for p in local.rglob("*") if p.is_file() and p.name != LOCK):
+        store.write(str(path.relative_to(local)), path.read_bytes())
+    status, output = flowprep("info", out)
+    assert status == 0 and f"teacher: tiny: test_train:tiny, {VIDEOS} videos (0 failed)" in output
+    targets = ClipDataset(out, ("rgb",), clip_len=4, crop=48, teacher="tiny")  # served from S3 too
+    assert len(targets) == VIDEOS and targets[0]["teacher_logits"].shape == (2,)

@@ -33,7 +33,7 @@ def flowprep(*args, check_status: int | None = 0) -> subprocess.CompletedProcess
     return result
 
 
-def save_checkpoint(path, model: str, num_classes: int = 3, seed: int = 0, wrap: str | None = None):
+def save_checkpoint(path, model: str, num_classes: int = 2, seed: int = 0, wrap: str | None = None):
     """A randomly initialised network whose activations keep their scale through the layers (He
     init), so its outputs depend on the input as a trained one's do."""
     torch.manual_seed(seed)
@@ -78,7 +78,7 @@ def stored(request, small_shards, tmp_path_factory):
 def test_a_stored_target_is_the_models_output_on_clipdatasets_clip(stored):
     out, model_name, checkpoint, report = stored
     assert report.written == 5 and report.failed == 0
-    model = build_model(model_name, 2, 3)
+    model = build_model(model_name, 2, 2)
     model.load_state_dict(torch.load(checkpoint))
     model.eval()
     dataset = ClipDataset(out, ("flow",), clip_len=CLIP, crop=CROP, teacher="t", teacher_outputs=("logits", "embedding", "Mixed_4f"))
@@ -91,7 +91,7 @@ def test_a_stored_target_is_the_models_output_on_clipdatasets_clip(stored):
         assert View(item["start"], *item["crop"], item["flip"]) in TeacherTargets(out, "t").views(item["video_id"])
         with torch.inference_mode():
             fresh = sequence_logits(model(item["flow"][None]))[0]
-        assert item["teacher_logits"].dtype == torch.float32 and item["teacher_logits"].shape == (3,)
+        assert item["teacher_logits"].dtype == torch.float32 and item["teacher_logits"].shape == (2,)
         torch.testing.assert_close(item["teacher_logits"], fresh, atol=2e-3, rtol=2e-3)
         assert item["teacher_embedding"].shape == (1024,) and item["teacher_Mixed_4f"].shape == (832,)
     assert seen == {False, True}
@@ -102,7 +102,7 @@ def test_reader_api_and_evaluation_items_carry_the_centre_view(stored):
     out, *_ = stored
     targets = TeacherTargets(out, "t")
     assert sorted(targets.video_ids) == ["pan_a", "pan_b", "pan_c", "pan_d", "short"]
-    assert targets.outputs == {"logits": 3, "embedding": 1024, "Mixed_4f": 832}
+    assert targets.outputs == {"logits": 2, "embedding": 1024, "Mixed_4f": 832}
     assert len(targets.views("pan_a")) == 2 * 3 * 2 and len(targets.views("short")) == 1 * 3 * 2  # 23 and 5 positions
     first, second = targets.views("pan_a")[:2]
     a, b = targets.get("pan_a", *first), targets.get("pan_a", *second)
@@ -116,7 +116,7 @@ def test_reader_api_and_evaluation_items_carry_the_centre_view(stored):
     np.testing.assert_array_equal(item["teacher_logits"].numpy(), targets.get("pan_d", *centre)["logits"])
     assert list_teachers(out) == ["t"]
     info = json.loads(flowprep("info", out, "--json").stdout)["teachers"]["t"]
-    assert info["videos"] == 5 and info["views"] == 4 * 12 + 6 and info["outputs"]["logits"] == 3
+    assert info["videos"] == 5 and info["views"] == 4 * 12 + 6 and info["outputs"]["logits"] == 2
     assert "teacher: t:" in flowprep("info", out).stdout
 
 

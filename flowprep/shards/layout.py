@@ -25,6 +25,7 @@ flowprep writes and all it ever deletes (:func:`output_files`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from contextlib import ExitStack
@@ -49,6 +50,8 @@ TEACHERS = "teachers"
 TEACHER_JSON = "teacher.json"
 # Index part schema metadata: the shard file's size in bytes, checked when a run resumes.
 SHARD_BYTES = b"flowprep_shard_bytes"
+# And its sha256 (teacher target shards, which have no per-video checksums), checked on resume.
+SHARD_SHA256 = b"flowprep_shard_sha256"
 
 INDEX_SCHEMA = pa.schema(
     [
@@ -111,10 +114,12 @@ def index_part(shard: str) -> str:
     return shard.rsplit(".", 1)[0] + ".parquet"
 
 
-def write_index_part(out: str | Path | Storage, shard: str, rows: list[dict], shard_bytes: int) -> None:
-    """Write the index rows of ``shard`` (complete, ``shard_bytes`` long) to its index part."""
-    schema = INDEX_SCHEMA.with_metadata({SHARD_BYTES: str(shard_bytes)})
-    write_table(out, index_part(shard), pa.Table.from_pylist(rows, schema=schema))
+def write_index_part(out: str | Path | Storage, shard: str, rows: list[dict], shard_bytes: int,
+                     schema: pa.Schema = INDEX_SCHEMA, sha256: str | None = None) -> None:
+    """Write the index rows of ``shard`` (complete, ``shard_bytes`` long, with digest ``sha256``
+    if given) to its index part; ``schema``: the index's (teacher folders have their own)."""
+    metadata = {SHARD_BYTES: str(shard_bytes), **({SHARD_SHA256: sha256} if sha256 else {})}
+    write_table(out, index_part(shard), pa.Table.from_pylist(rows, schema=schema.with_metadata(metadata)))
 
 
 def complete_shards(out: str | Path | Storage) -> list[str]:
@@ -130,16 +135,18 @@ def complete_shards(out: str | Path | Storage) -> list[str]:
 
 def damaged_shards(out: str | Path | Storage) -> dict[str, str]:
     """Complete shards that are not as written, each with what is wrong: its index part missing or
-    unreadable, or its size not the one the part recorded (cut short, or written over). Cheap: it
-    reads each part and lists the shards, reading no shard; a flipped byte needs ``flowprep
-    verify``'s checksums."""
+    unreadable, its size not the one the part recorded (cut short, or written over), or, where
+    the part records one (teacher target shards, small), its sha256 not the shard's. Cheap for
+    frame shards: it reads each part and lists the shards, reading no shard; a flipped byte there
+    needs ``flowprep verify``'s checksums."""
     store = storage(out)
     sizes = {f"{SHARDS}/{name}": size for name, size in store.files(SHARDS).items()}
     damaged = {}
     for shard in complete_shards(store):
         part = index_part(shard)
         try:
-            recorded = (pq.read_schema(pa.BufferReader(store.read_bytes(part))).metadata or {}).get(SHARD_BYTES)
+            metadata = pq.read_schema(pa.BufferReader(store.read_bytes(part))).metadata or {}
+            recorded, digest = metadata.get(SHARD_BYTES), metadata.get(SHARD_SHA256)
         except FileNotFoundError:
             damaged[shard] = f"its index part {Path(part).name} is missing"
             continue
@@ -150,6 +157,8 @@ def damaged_shards(out: str | Path | Storage) -> dict[str, str]:
             damaged[shard] = f"its index part {Path(part).name} records no shard size"
         elif int(recorded) != sizes[shard]:
             damaged[shard] = f"{sizes[shard]} bytes, but {int(recorded)} when it was written"
+        elif digest is not None and hashlib.sha256(store.read_bytes(shard)).hexdigest() != digest.decode():
+            damaged[shard] = "its bytes are not the ones written (sha256 differs)"
     return damaged
 
 
@@ -241,6 +250,14 @@ def write_json(out: str | Path | Storage, name: str, obj: dict) -> None:
     storage(out).write(name, (json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
 
 
+def parse_table(data: bytes, schema: pa.Schema | None = None) -> pa.Table:
+    """A Parquet file's bytes as a table, read in this thread: once Arrow's thread pools have
+    started, a worker still alive when the interpreter exits can abort it (``terminate called
+    without an active exception``, apache/arrow#34314), so flowprep never starts them. Its
+    Parquet files (indexes, plans) are small enough that threads would gain little."""
+    return pq.read_table(pa.BufferReader(data), schema=schema, use_threads=False, pre_buffer=False)
+
+
 def write_table(out: str | Path | Storage, name: str, table: pa.Table) -> None:
     """``table`` as the Parquet file ``<out>/<name>``, written whole."""
     sink = pa.BufferOutputStream()
@@ -295,7 +312,7 @@ def read_index(out: str | Path | Storage, schema: pa.Schema = INDEX_SCHEMA) -> p
     """The index rows of every complete shard, in shard order (the truth ``index.parquet`` is built from).
     ``schema``: the index's (teacher folders have their own)."""
     store = storage(out)
-    parts = [pq.read_table(pa.BufferReader(store.read_bytes(index_part(s))), schema=schema) for s in complete_shards(store)]
+    parts = [parse_table(store.read_bytes(index_part(s)), schema) for s in complete_shards(store)]
     return pa.concat_tables(parts) if parts else schema.empty_table()
 
 

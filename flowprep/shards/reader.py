@@ -12,11 +12,19 @@ import cv2
 import h5py
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from flowprep.codec import Codec, dequantize_flow
 from flowprep.jpeg import crop_jpeg
-from flowprep.shards.layout import DATASET_JSON, INDEX, SCHEMA_VERSION, complete_shards, has_flow, read_dataset_json, update_checksum
+from flowprep.shards.layout import (
+    DATASET_JSON,
+    INDEX,
+    SCHEMA_VERSION,
+    complete_shards,
+    has_flow,
+    parse_table,
+    read_dataset_json,
+    update_checksum,
+)
 from flowprep.storage import Storage, storage
 
 
@@ -78,7 +86,7 @@ class ShardReader:
                 if complete_shards(self.storage):
                     raise FileNotFoundError(f"{path} is missing: rerun the extract command (same options) to rebuild it from the shards")
                 raise FileNotFoundError(f"{path} is missing: no shard of this output is complete yet")
-            table = pq.read_table(pa.BufferReader(self.storage.read_bytes(INDEX)))
+            table = parse_table(self.storage.read_bytes(INDEX))
             self._rows = {row["video_id"]: row for row in table.to_pylist()}
         return self._rows
 

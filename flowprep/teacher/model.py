@@ -105,6 +105,11 @@ class TeacherModel:
                 out.append(SegmentOutputs(w.segment, None, w.error, "read"))
                 continue
             n = len(w.segment.views)
-            out.append(SegmentOutputs(w.segment, {k: v[row : row + n] for k, v in merged.items()}))
+            values = {k: v[row : row + n] for k, v in merged.items()}
             row += n
+            bad = sorted(k for k, v in values.items() if not np.isfinite(v).all())
+            if bad:  # a broken model, or beyond float16's range: never a stored target
+                out.append(SegmentOutputs(w.segment, None, f"the model's {', '.join(bad)} are not finite (NaN or beyond float16)", "model"))
+            else:
+                out.append(SegmentOutputs(w.segment, values))
         return out

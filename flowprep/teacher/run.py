@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import closing
@@ -24,13 +23,17 @@ from tqdm import tqdm
 
 from flowprep.devices import resolve_device
 from flowprep.errors import OptionError
-from flowprep.lock import LOCK, HeldLock, output_lock
+from flowprep.lock import HeldLock, output_lock
 from flowprep.networks import checkpoint_num_classes, load_state
 from flowprep.provenance import file_sha256, versions
 from flowprep.shards.layout import (
     INDEX,
+    TEACHERS,
     complete_shards,
+    damaged_shards,
     description_difference,
+    drop_shards,
+    output_files,
     read_failures,
     rebuild_index,
     remove_leftovers,
@@ -48,6 +51,7 @@ from flowprep.teacher.targets import (
     TEACHER_SCHEMA_VERSION,
     source_checksums,
     target_schema,
+    target_shard,
     teacher_dir,
     write_target_shard,
 )
@@ -140,19 +144,55 @@ def describe_teacher(reader: ShardReader, name: str, config: TeacherConfig, num_
     }
 
 
-def prepare_teacher(folder: Storage, description: dict, overwrite: bool) -> None:
-    """Create ``folder``, or check that its targets were made with the same params from the same shards."""
-    if overwrite:  # everything but the lock this run holds
-        for child in folder.location.iterdir():
-            if child.name != LOCK:
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
+def prepare_teacher(out: Storage, folder: Storage, description: dict, overwrite: bool) -> None:
+    """Create ``folder`` (teacher ``description["name"]`` of ``out``), or check that its targets
+    were made with the same params from the same shards.
+
+    Like extract's output folder, a teacher folder holding files flowprep did not write (a
+    checkpoint kept there too) is refused with or without ``overwrite``, which deletes
+    flowprep's files only. Targets without their teacher.json are never adopted: refused, or
+    deleted by ``overwrite``.
+    """
+    own, others = output_files(out)
+    prefix = f"{TEACHERS}/{description['name']}/"
+    others = [name for name in others if name.startswith(prefix)]
+    if others:
+        raise TeacherMismatch(f"{folder} holds files that flowprep did not write: {', '.join(str(out / n) for n in others[:5])}. "
+                              "Move them out of the teacher folder, or use another --name")
+    own = [name for name in own if name.startswith(prefix)]
+    if overwrite:
+        for name in own:
+            out.delete(name)
     elif folder.exists(TEACHER_JSON):
-        changed = description_difference(json.loads(folder.read_bytes(TEACHER_JSON)), description, ("schema_version", "params", "sources"))
+        try:
+            previous = json.loads(folder.read_bytes(TEACHER_JSON))
+        except ValueError as e:
+            raise TeacherMismatch(f"{folder / TEACHER_JSON} is not valid JSON ({e}): --overwrite starts over") from None
+        changed = description_difference(previous, description, ("schema_version", "params", "sources"))
         if changed:
             raise TeacherMismatch(f"{folder} holds targets with other {changed[0]} ({changed[1]}). "
                                   "Use another --name, the same options, or --overwrite to start over.")
+    elif own:
+        raise TeacherMismatch(f"{folder} holds targets but no {TEACHER_JSON}, so nothing tells what made them: "
+                              "--overwrite deletes them and starts over, or use another --name")
     folder.makedirs()
     write_json(folder, TEACHER_JSON, description)
+
+
+def check_targets(folder: Storage, metadata: dict[str, str]) -> None:
+    """Refuse complete target shards that are not as written (size or sha256 not the recorded
+    ones) or were made under other teacher.json entries (``metadata``, their schema's)."""
+    damaged = damaged_shards(folder)
+    for shard in complete_shards(folder):
+        if shard not in damaged:
+            schema = pa.ipc.open_file(folder.open_input(shard)).schema
+            if (schema.metadata or {}).get(b"flowprep", b"").decode() != metadata["flowprep"]:
+                damaged[shard] = "made under other teacher options than its teacher.json says"
+    if damaged:
+        shard, reason = next(iter(damaged.items()))
+        more = f" (and {len(damaged) - 1} more target shards)" if len(damaged) > 1 else ""
+        raise TeacherMismatch(f"{folder / shard} is damaged: {reason}{more}. Run `flowprep verify` with --repair on the "
+                              "output to drop it, then rerun this command to compute its targets again")
 
 
 def local_outputs(items: Iterable[WorkItem], reader: ShardReader, model: TeacherModel) -> Iterator[tuple[WorkItem, list[SegmentOutputs]]]:
@@ -167,12 +207,47 @@ def local_outputs(items: Iterable[WorkItem], reader: ShardReader, model: Teacher
         yield item, outputs
 
 
+@dataclass
+class PreparedModel:
+    """What a run computes with, checked before anything is written: the weights (``None`` for
+    a factory that loads its own), class count, device, a model on the CPU and its output sizes."""
+
+    state: dict | None
+    num_classes: int
+    device: str
+    cpu_model: TeacherModel
+    dims: dict[str, int]
+
+
+def prepare_model(config: TeacherConfig, reader: ShardReader) -> PreparedModel:
+    """Load and check ``config``'s model for ``reader``'s shards: an unreadable checkpoint, one
+    that does not fit, an unknown output or device, or a class count other than the shards'
+    label map fails here, before the teacher folder exists."""
+    if not config.outputs:
+        raise OptionError("--outputs names no output: logits, embedding or end-point names", "outputs")
+    device = resolve_device(config.device)
+    state = load_state(config.checkpoint) if config.checkpoint else None
+    num_classes = config.num_classes or (checkpoint_num_classes(state) if state else None)
+    if num_classes is None:
+        raise OptionError("--num-classes is needed: the checkpoint does not tell it", "num_classes")
+    if reader.label_map and num_classes != len(reader.label_map):
+        raise TeacherMismatch(f"the teacher has {num_classes} classes, {reader.out}'s label map {len(reader.label_map)}: "
+                              "a teacher of these shards' classes is needed")
+    model = TeacherModel(config, state, num_classes, reader.flow_bound, "cpu")
+    try:
+        dims = model.output_dims()
+    except ValueError as e:  # an output the model does not have
+        raise OptionError(str(e), "outputs") from None
+    return PreparedModel(state, num_classes, device, model, dims)
+
+
 def compute_targets(
     out: str | Path,
     name: str,
     config: TeacherConfig,
     *,
     overwrite: bool = False,
+    retry_failed: bool = False,
     workers: int | None = None,
     ray_address: str | None = None,
     progress: bool | None = None,
@@ -180,55 +255,60 @@ def compute_targets(
     """Store ``config``'s outputs for every view of every video of ``out`` in ``out/teachers/name``.
 
     ``workers=0`` runs in this process; else Ray (:func:`flowprep.teacher.actors.ray_teacher_outputs`).
-    Resumable: complete target shards are kept, the others are done again, so a killed run
-    reruns to the same files. One run at a time writes a teacher folder (its lock,
-    :mod:`flowprep.lock`). Raises :class:`~flowprep.networks.CheckpointMismatch`,
+    Resumable: complete target shards are kept (checked against their recorded size and sha256),
+    the others are done again, so a killed run reruns to the same files; with ``retry_failed``
+    the target shards holding failures are computed again too. One run at a time writes a
+    teacher folder (its lock, :mod:`flowprep.lock`). Raises :class:`~flowprep.networks.CheckpointMismatch`,
     :class:`TeacherMismatch`, :class:`~flowprep.lock.OutputLocked`, and ``ValueError`` for
-    unusable options (:class:`~flowprep.errors.OptionError` naming ``out`` when it holds no flow).
+    unusable options (:class:`~flowprep.errors.OptionError` naming the option). Nothing is
+    written when the options or the model fail their checks.
     """
     reader = ShardReader(out)  # before anything is made: OUT must be an extract output, with flow
     if not reader.has_flow:
         raise OptionError(f"{out} was extracted with --flow none: it holds no flow, and the teacher runs on flow", "out")
     folder = storage(teacher_dir(out, name))
+    prepared = prepare_model(config, reader)
     folder.makedirs()
     with output_lock(folder) as lock:
-        return _compute_targets(reader, folder, lock, name, config, overwrite, workers, ray_address, progress)
+        return _compute_targets(reader, folder, lock, name, config, prepared, overwrite, retry_failed, workers,
+                                ray_address, progress)
 
 
 def _compute_targets(reader: ShardReader, folder: Storage, lock: HeldLock, name: str, config: TeacherConfig,
-                     overwrite: bool, workers: int | None, ray_address: str | None, progress: bool | None) -> TeacherReport:
-    out = reader.storage
-    state = load_state(config.checkpoint) if config.checkpoint else None
-    num_classes = config.num_classes or (checkpoint_num_classes(state) if state else None)
-    if num_classes is None:
-        raise ValueError("--num-classes is needed: the checkpoint does not tell it")
-    device = resolve_device(config.device)
-    # Built here first: a checkpoint that does not fit fails before anything starts.
-    probe = TeacherModel(config, state, num_classes, reader.flow_bound, "cpu")
-    dims = probe.output_dims()
-    description = describe_teacher(reader, name, config, num_classes, dims, device)
-    prepare_teacher(folder, description, overwrite)
+                     prepared: PreparedModel, overwrite: bool, retry_failed: bool, workers: int | None,
+                     ray_address: str | None, progress: bool | None) -> TeacherReport:
+    out, device, dims = reader.storage, prepared.device, prepared.dims
+    description = describe_teacher(reader, name, config, prepared.num_classes, dims, device)
+    metadata = {"flowprep": json.dumps({k: description[k] for k in ("schema_version", "params", "sources")}, sort_keys=True)}
+    prepare_teacher(out, folder, description, overwrite)
     for path in remove_leftovers(folder):
         log.info("removed %s, left by an interrupted run", path)
+    check_targets(folder, metadata)
+    failures = read_failures(folder)
+    if retry_failed:
+        again = sorted({f["shard"] for f in failures} & set(complete_shards(folder)))
+        drop_shards(folder, again)
+        log.info("--retry-failed: %d target shards with failures to compute again", len(again))
     index = rebuild_index(folder, TARGET_INDEX_SCHEMA).to_pylist()
     done = set(complete_shards(folder))
-    settled = [f for f in read_failures(folder) if f.get("shard") in done]
+    settled = [f for f in failures if f.get("shard") in done]
     # The shards as the reader's index has them: one view of the output, however an extract
     # beside this run changes it.
-    todo = [s for s in dict.fromkeys(reader.meta(v)["shard"] for v in reader.video_ids) if s not in done]
+    todo = [s for s in dict.fromkeys(reader.meta(v)["shard"] for v in reader.video_ids) if target_shard(s) not in done]
     report = TeacherReport(videos=len(reader), skipped=len(index) + len(settled), failed=len(settled), failures=settled)
     total_views = views_to_compute(reader, todo, config.grid)
     log.info("teacher %s: %d videos, %d done before, %d views to compute", name, len(reader), report.skipped, total_views)
 
     items = plan_items(reader, todo, config.grid, views_per_item(config.batch_size))
     if workers == 0 or not todo:
-        model = probe if device == "cpu" else TeacherModel(config, state, num_classes, reader.flow_bound, device)
+        model = prepared.cpu_model if device == "cpu" else \
+            TeacherModel(config, prepared.state, prepared.num_classes, reader.flow_bound, device)
         results = local_outputs(items, reader, model)
     else:
         from flowprep.teacher.actors import ray_teacher_outputs
 
-        results = ray_teacher_outputs(items, out, config, state, num_classes, reader.flow_bound, device, workers, ray_address)
-    metadata = {"flowprep": json.dumps({k: description[k] for k in ("schema_version", "params", "sources")}, sort_keys=True)}
+        results = ray_teacher_outputs(items, out, config, prepared.state, prepared.num_classes, reader.flow_bound, device,
+                                      workers, ray_address)
     schema = target_schema(dims, metadata)
     bar = tqdm(total=total_views, unit="view", disable=None if progress is None else not progress, dynamic_ncols=True)
     # The kept failures replace the file at once: a kill never loses them.
@@ -256,17 +336,18 @@ def _finish_shard(folder: Storage, item: WorkItem, buffer: TargetShardBuffer, sc
                   reader: ShardReader, index: list[dict], report: TeacherReport) -> None:
     """Record the failures of ``item``'s shard and publish its target shard, extending ``index``.
     A shard with videos lost to worker faults is not published: the next run computes it whole."""
+    shard = target_shard(item.shard)
     lost = [(v, "views", e) for v, e in item.unviewable] + buffer.failed()
     for video_id, stage, error in lost:
-        report.failures.append({"video_id": video_id, "stage": stage, "error": error, "shard": item.shard})
+        report.failures.append({"video_id": video_id, "stage": stage, "error": error, "shard": shard})
         log.warning("no targets for %s (%s): %s", video_id, stage, error)
     report.failed += len(lost)
     write_failures(folder, report.failures)  # before the shard: a complete shard's failures are never lost
     if any(stage == "worker" for _, stage, _ in lost):
-        log.warning("target shard %s not written: videos lost with their workers; the next run computes it", item.shard)
+        log.warning("target shard %s not written: videos lost with their workers; the next run computes it", shard)
         return
-    rows = buffer.write(folder, item.shard, schema, dims, reader)
+    rows = buffer.write(folder, shard, schema, dims, reader)
     index += rows
     write_table(folder, INDEX, pa.Table.from_pylist(index, schema=TARGET_INDEX_SCHEMA))
     report.written += len(rows)
-    log.info("target shard complete: %s", item.shard)
+    log.info("target shard complete: %s", shard)

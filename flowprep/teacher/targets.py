@@ -6,12 +6,15 @@
     <out>/teachers/<name>/index.parquet                one row per video (TARGET_INDEX_SCHEMA)
     <out>/teachers/<name>/failures.jsonl               one JSON object per video without targets
     <out>/teachers/<name>/shards/shard-00000.arrow     the targets of the videos of <out>/shards/shard-00000.*
-    <out>/teachers/<name>/shards/shard-00000.parquet   the index rows of that target shard
+    <out>/teachers/<name>/shards/shard-00000.parquet   the index rows of that target shard, its size and sha256
 
-A target shard is an Arrow IPC file of one record batch: one row per view (``video_id, start, top,
-left, flip``, then each output as a fixed-size list of float16), a video's views contiguous and in
-:class:`~flowprep.teacher.views.ViewGrid` order. It is published like a frame shard (index part
-first, then the file renamed from ``.partial``), so a visible target shard is always whole.
+A target shard is an Arrow IPC file of one record batch (whatever the frame shards' format): one
+row per view (``video_id, start, top, left, flip``, then each output as a fixed-size list of
+float16), a video's views contiguous and in :class:`~flowprep.teacher.views.ViewGrid` order. Its
+schema metadata holds the teacher.json entries it was made under. It is published like a frame
+shard (index part first, then the file renamed from its staged name), so a visible target shard
+is always whole; its recorded size and sha256 are checked when a run resumes and by ``flowprep
+verify``, and the reader checks that each row it serves is the view asked for.
 """
 
 from __future__ import annotations
@@ -23,14 +26,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from flowprep.shards.layout import DATASET_JSON, INDEX, TEACHER_JSON, TEACHERS, index_part, write_table
+from flowprep.shards.layout import DATASET_JSON, INDEX, SHARDS, TEACHER_JSON, TEACHERS, parse_table, write_index_part, write_table
 from flowprep.shards.reader import ShardReader
 from flowprep.storage import Storage, storage
 from flowprep.teacher.views import View, ViewGrid
 
-TEACHER_SCHEMA_VERSION = 1
+TEACHER_SCHEMA_VERSION = 2  # 2: target shards always .arrow; index parts record size and sha256
 
 TARGET_INDEX_SCHEMA = pa.schema(
     [
@@ -53,6 +55,19 @@ def teacher_dir(out: str | Path, name: str) -> Path:
     if not name or "/" in name or name.startswith("."):
         raise ValueError(f"teacher name {name!r} must be a plain folder name")
     return Path(out) / TEACHERS / name
+
+
+def teacher_storage(out: str | Path | Storage, name: str) -> Storage:
+    """Where teacher ``name`` of ``out`` is, for reading: a local folder or an object storage prefix."""
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"teacher name {name!r} must be a plain folder name")
+    store = storage(out)
+    return storage(store / f"{TEACHERS}/{name}")
+
+
+def target_shard(frame_shard: str) -> str:
+    """The target shard of a frame shard: ``shards/shard-00000.arrow`` for ``shards/shard-00000.h5`` too."""
+    return f"{SHARDS}/{Path(frame_shard).stem}.arrow"
 
 
 def list_teachers(out: str | Path) -> list[str]:
@@ -88,36 +103,43 @@ def write_target_shard(folder: Storage, shard: str, views: list[tuple[str, View]
     sink = pa.BufferOutputStream()
     with pa.ipc.new_file(sink, schema) as writer:
         writer.write_batch(pa.record_batch(columns, schema=schema))
+    data = sink.getvalue().to_pybytes()
     folder.makedirs(str(Path(shard).parent))
-    write_table(folder, index_part(shard), pa.Table.from_pylist(index_rows, schema=TARGET_INDEX_SCHEMA))
-    folder.write(shard, sink.getvalue().to_pybytes())
+    write_index_part(folder, shard, index_rows, len(data), TARGET_INDEX_SCHEMA, hashlib.sha256(data).hexdigest())
+    folder.write(shard, data)
 
 
 class TeacherTargets:
-    """Random access to the stored targets of teacher ``name`` of output folder ``out``.
+    """Random access to the stored targets of teacher ``name`` of output folder ``out`` (a local
+    folder or an object storage prefix).
 
     >>> targets = TeacherTargets("out/", "flow_i3d")
     >>> view = targets.views(video_id)[0]                  # View(start, top, left, flip)
     >>> targets.get(video_id, *view)["logits"]             # [C] float32
 
-    Target shards are memory-mapped once per process; a lookup is a dict access and arithmetic
-    on the view grid (no search), then a copy of a few hundred bytes.
+    Target shards are opened once per process (memory-mapped when local); a lookup is a dict
+    access and arithmetic on the view grid (no search), a check that the row holds that view,
+    then a copy of a few hundred bytes. A file that cannot be read is a ValueError naming it.
     """
 
-    def __init__(self, out: str | Path, name: str):
-        self.folder = teacher_dir(out, name)
+    def __init__(self, out: str | Path | Storage, name: str):
+        self.store = teacher_storage(out, name)
+        self.folder = self.store.location
         path = self.folder / TEACHER_JSON
-        if not path.is_file():
-            raise FileNotFoundError(f"{Path(out)} has no teacher {name!r} ({path} is missing); teachers there: "
+        if not self.store.exists(TEACHER_JSON):
+            raise FileNotFoundError(f"{storage(out)} has no teacher {name!r} ({path} is missing); teachers there: "
                                     f"{', '.join(list_teachers(out)) or 'none'}")
-        self.description: dict = json.loads(path.read_text())
-        if self.description.get("schema_version") != TEACHER_SCHEMA_VERSION:
-            raise ValueError(f"{path}: schema version {self.description.get('schema_version')}, "
-                             f"this flowprep reads {TEACHER_SCHEMA_VERSION}")
-        params = self.description["params"]
+        try:
+            self.description: dict = json.loads(self.store.read_bytes(TEACHER_JSON))
+            if self.description.get("schema_version") != TEACHER_SCHEMA_VERSION:
+                raise ValueError(f"schema version {self.description.get('schema_version')}, this flowprep reads "
+                                 f"{TEACHER_SCHEMA_VERSION} (rerun flowprep teacher with --overwrite)")
+            params = self.description["params"]
+            self.grid = ViewGrid(**params["grid"])
+            self.outputs: dict[str, int] = dict(params["outputs"])
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSON errors are ValueErrors
+            raise ValueError(f"{path} is not a teacher description flowprep can read: {type(e).__name__}: {e}") from None
         self.name = name
-        self.grid = ViewGrid(**params["grid"])
-        self.outputs: dict[str, int] = params["outputs"]
         self._rows: dict[str, dict] | None = None
         self._columns: dict[str, dict[str, np.ndarray]] = {}
         self._pid = os.getpid()
@@ -125,8 +147,11 @@ class TeacherTargets:
     @property
     def _index(self) -> dict[str, dict]:
         if self._rows is None:
-            path = self.folder / INDEX
-            self._rows = {r["video_id"]: r for r in pq.read_table(path).to_pylist()} if path.is_file() else {}
+            try:
+                table = parse_table(self.store.read_bytes(INDEX)) if self.store.exists(INDEX) else None
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{self.folder / INDEX} cannot be read ({e}): run `flowprep verify` on the output") from None
+            self._rows = {r["video_id"]: r for r in table.to_pylist()} if table is not None else {}
         return self._rows
 
     @property
@@ -164,21 +189,48 @@ class TeacherTargets:
         row = self._video(video_id)
         return self.grid.eval_views(row["positions"], row["height"], row["width"], clips)
 
-    def get(self, video_id: str, start: int, top: int, left: int, flip: bool) -> dict[str, np.ndarray]:
-        """Every output of one view, name -> ``[dim]`` float32. ``KeyError`` for a view off the grid."""
+    def stored_views(self, video_id: str) -> list[tuple]:
+        """What the video's rows of its target shard hold: ``(video_id, start, top, left, flip)``
+        each, in row order (equal to its :meth:`views` in a whole folder)."""
         video = self._video(video_id)
-        row = video["row"] + self.grid.row(View(start, top, left, bool(flip)), video["positions"], video["height"], video["width"])
         columns = self._shard(video["shard"])
+        rows = range(video["row"], video["row"] + video["views"])
+        if rows.stop > len(columns["video_id"]):
+            raise ValueError(f"{self.folder / video['shard']}: {video_id}'s rows {rows.start}-{rows.stop - 1} are past its end")
+        return [(columns["video_id"][r], *(int(columns[k][r]) for k in ("start", "top", "left")), bool(columns["flip"][r]))
+                for r in rows]
+
+    def get(self, video_id: str, start: int, top: int, left: int, flip: bool) -> dict[str, np.ndarray]:
+        """Every output of one view, name -> ``[dim]`` float32. ``KeyError`` for a view off the
+        grid; ``ValueError`` when the stored row is not that view (the files do not match)."""
+        video = self._video(video_id)
+        view = View(start, top, left, bool(flip))
+        row = video["row"] + self.grid.row(view, video["positions"], video["height"], video["width"])
+        columns = self._shard(video["shard"])
+        if row >= len(columns["video_id"]):
+            raise ValueError(f"{self.folder / video['shard']}: row {row} of {video_id} is past its end: the targets do not "
+                             "match their index; run `flowprep verify --repair` and flowprep teacher again")
+        stored = (columns["video_id"][row], *(int(columns[k][row]) for k in ("start", "top", "left")), bool(columns["flip"][row]))
+        if stored != (video_id, *view):
+            raise ValueError(f"{self.folder / video['shard']}: row {row} holds view {stored}, not {(video_id, *view)}: "
+                             "the targets do not match their index; run `flowprep verify --repair` and flowprep teacher again")
         return {name: columns[name][row].astype(np.float32) for name in self.outputs}
 
     def _shard(self, shard: str) -> dict[str, np.ndarray]:
-        if self._pid != os.getpid():  # forked: map the files again in this process
+        if self._pid != os.getpid():  # forked: open the files again in this process
             self._columns, self._pid = {}, os.getpid()
         if shard not in self._columns:
-            batch = pa.ipc.open_file(pa.memory_map(str(self.folder / shard))).get_batch(0)
-            # Zero-copy [rows, dim] float16 views of the mapped file.
-            self._columns[shard] = {name: batch.column(name).values.to_numpy(zero_copy_only=True).reshape(-1, dim)
-                                    for name, dim in self.outputs.items()}
+            try:
+                batch = pa.ipc.open_file(self.store.open_input(shard)).get_batch(0)
+                # Zero-copy [rows, dim] float16 views of the mapped file; the view columns as numpy.
+                columns = {name: batch.column(name).values.to_numpy(zero_copy_only=True).reshape(-1, dim)
+                           for name, dim in self.outputs.items()}
+                columns["video_id"] = np.asarray(batch.column("video_id").to_pylist(), dtype=object)
+                columns.update({k: batch.column(k).to_numpy(zero_copy_only=False) for k in ("start", "top", "left", "flip")})
+            except (OSError, ValueError, KeyError) as e:  # pyarrow's ArrowInvalid is a ValueError
+                raise ValueError(f"{self.folder / shard} cannot be read ({type(e).__name__}: {e}): run `flowprep verify "
+                                 "--repair` on the output and flowprep teacher again") from None
+            self._columns[shard] = columns
         return self._columns[shard]
 
     def __getstate__(self) -> dict:

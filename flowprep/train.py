@@ -421,7 +421,7 @@ def evaluate(net: nn.Module, job: Job, loader: DataLoader, dist: Dist) -> dict:
     """``val_top1``: the clip logits averaged over each video's K clips (``--val-clips``), argmax
     against the label; ``val_loss`` and ``val_<term>``: means over clips. Each clip counts once:
     ClipSampler pads the ranks with repeats of the first items, which are left out here."""
-    dataset, k = loader.dataset, loader.dataset.num_clips
+    dataset, k = loader.dataset, loader.dataset.views_per_video
     videos = len(dataset) // k
     logits = torch.zeros(videos, job.num_classes, dtype=torch.float64, device=dist.device)
     sums: dict[str, Tensor] = {}

@@ -2,6 +2,8 @@
 
 * Frames: a clip of ``clip_len`` frames ``start, start + stride, ...`` spans
   :func:`clip_span` positions and wraps at the video's end (:func:`clip_indices`).
+* Crops: ``count`` positions of a ``crop x crop`` square spread evenly along the long side, both
+  ends included (1: the centre), centred on the short side (:func:`crop_positions`).
 * Flow values: stored uint8 flow ``q`` is ``q / 127.5 - 1`` in [-1, 1] (x then y); stored float16
   flow (pixels) is divided by the bound and clipped to [-1, 1]. A flipped (mirrored) clip has x
   negated: for uint8, ``255 - q``. RGB uint8 ``v`` is ``v / 127.5 - 1`` the same way (I3D's
@@ -22,6 +24,19 @@ def clip_span(clip_len: int, stride: int) -> int:
 def clip_indices(length: int, clip_len: int, stride: int, start: int) -> np.ndarray:
     """Frame indices of a clip: ``start + stride * j`` for ``j < clip_len``, wrapped at ``length``."""
     return (start + stride * np.arange(clip_len)) % length
+
+
+def crop_positions(height: int, width: int, crop: int, count: int) -> list[tuple[int, int]]:
+    """``(top, left)`` pixels of ``count`` ``crop x crop`` squares in a ``height x width`` frame:
+    spread evenly along the long side, both ends included (1: the centre), centred on the short
+    side (rounded down). Positions may coincide (a square frame); ``ValueError`` when the frame is
+    smaller than the crop."""
+    if min(height, width) < crop:
+        raise ValueError(f"a {height}x{width} video is smaller than crop {crop}")
+    long_room = max(height, width) - crop
+    short_room = (min(height, width) - crop) // 2
+    along = [long_room // 2] if count == 1 else [i * long_room // (count - 1) for i in range(count)]
+    return [(a, short_room) if height > width else (short_room, a) for a in along]
 
 
 def flow_lookup_tables(normalize: bool = True) -> dict[bool, np.ndarray]:

@@ -7,8 +7,9 @@ workers started by fork or spawn, persistent or not.
 Sampling. Clip frames are ``start, start + stride, ...`` (``clip_len`` of them). With flow among
 the modalities a video of N frames offers N-1 positions (the last frame has no flow), so RGB
 frame ``i`` and flow ``i`` always come together. Training draws a random start; evaluation takes
-the centre clip, or ``num_clips`` clips spread uniformly. A video shorter than the clip span is
-looped: frame indices wrap around to its beginning.
+the centre clip, or ``num_clips`` clips spread uniformly, each at the centre crop or at
+``num_crops`` crop positions. A video shorter than the clip span is looped: frame indices wrap
+around to its beginning.
 
 Randomness (start, crop, flip) comes from ``(seed, epoch, index)`` only, so the same seed gives
 the same clips in any worker layout. :class:`ClipSampler` carries the epoch to the workers.
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from flowprep.clips import clip_indices, clip_span, float_flow, flow_lookup_tables
+from flowprep.clips import clip_indices, clip_span, crop_positions, float_flow, flow_lookup_tables
 from flowprep.shards.reader import ShardReader
 
 # Mean and std of RGB on the [0, 1] scale.
@@ -67,6 +68,10 @@ class ClipDataset(Dataset):
         seed: base of every random draw.
         split: only videos of this split (``None``: all).
         num_clips: evaluation clips per video, spread uniformly (1: the centre clip).
+        num_crops: evaluation crops per clip (:func:`~flowprep.clips.crop_positions`): spread
+            evenly along the long side, both ends included, centred on the short side (1: the
+            centre crop; 3: both ends and the centre). A video's ``num_clips * num_crops`` items
+            (:attr:`views_per_video`) are consecutive, clip by clip, crops within a clip.
         normalization: ``(mean, std)`` of RGB on the [0, 1] scale; default: I3D's [-1, 1].
         normalize: ``False`` returns uint8 tensors (RGB 0-255, flow ``q``, flipped flow x as
             ``255 - q``) to be normalized on the GPU: a quarter of the bytes through the
@@ -110,6 +115,7 @@ class ClipDataset(Dataset):
         seed: int = 0,
         split: str | None = None,
         num_clips: int = 1,
+        num_crops: int = 1,
         normalization: tuple[Sequence[float], Sequence[float]] = I3D_NORMALIZATION,
         normalize: bool = True,
         teacher: str | None = None,
@@ -119,8 +125,10 @@ class ClipDataset(Dataset):
     ):
         if not modalities or set(modalities) - {"rgb", "flow"}:
             raise ValueError(f"modalities must be rgb and/or flow, not {modalities}")
-        if clip_len < 1 or frame_stride < 1 or crop < 1 or num_clips < 1:
-            raise ValueError("clip_len, frame_stride, crop and num_clips must be positive")
+        if clip_len < 1 or frame_stride < 1 or crop < 1 or num_clips < 1 or num_crops < 1:
+            raise ValueError("clip_len, frame_stride, crop, num_clips and num_crops must be positive")
+        if teacher and not train and num_crops > 1:
+            raise ValueError("evaluation clips with a teacher are its stored views at the centre crop: num_crops must be 1")
         # OpenCV's thread pool does not survive a fork (DataLoader workers hang in it): the process
         # that makes the dataset decodes with one OpenCV thread, its workers are the parallelism.
         cv2.setNumThreads(1)
@@ -142,6 +150,7 @@ class ClipDataset(Dataset):
         self.clip_len, self.frame_stride, self.crop = clip_len, frame_stride, crop
         self.train, self.flip, self.seed = train, flip, seed
         self.num_clips = 1 if train else num_clips
+        self.num_crops = 1 if train else num_crops
         # Lookup tables, one per channel, from stored uint8 to the returned value: one pass over
         # the clip. RGB: (v / 255 - mean) / std; flow: q / 127.5 - 1, negated for x when flipped.
         # Unnormalized: v, q, and 255 - q for flipped x.
@@ -186,15 +195,20 @@ class ClipDataset(Dataset):
             raise ValueError(f"teacher {name!r} stored {sorted(targets.outputs)}, not {sorted(unknown)}")
         return targets
 
+    @property
+    def views_per_video(self) -> int:
+        """Items per video: ``num_clips * num_crops`` when evaluating, 1 when training."""
+        return self.num_clips * self.num_crops
+
     def __len__(self) -> int:
-        return len(self.videos) * self.num_clips
+        return len(self.videos) * self.views_per_video
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch for items asked by plain index (a :class:`ClipSampler` passes its own)."""
         self.epoch = epoch
 
     def meta(self, index: int) -> dict:
-        r, video_id = self.videos[index // self.num_clips]
+        r, video_id = self.videos[index // self.views_per_video]
         return self.readers[r].meta(video_id)
 
     @property
@@ -216,7 +230,8 @@ class ClipDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         index, epoch = key if isinstance(key, tuple) else (key, self.epoch)
         _configure_worker_threads()
-        r, video_id = self.videos[index // self.num_clips]
+        r, video_id = self.videos[index // self.views_per_video]
+        clip, position = divmod(index % self.views_per_video, self.num_crops)
         reader = self.readers[r]
         meta = reader.meta(video_id)
         rng = np.random.default_rng([self.seed, epoch, index])
@@ -227,14 +242,14 @@ class ClipDataset(Dataset):
             views = [v for v in targets.views(video_id) if self.flip or not v.flip]
             start, y, x, flip = views[int(rng.integers(0, len(views)))]
         elif targets:
-            start, y, x, flip = targets.eval_views(video_id, self.num_clips)[index % self.num_clips]
+            start, y, x, flip = targets.eval_views(video_id, self.num_clips)[clip]
         elif self.train:
             start = self._start(length, 0, rng)
             y, x = int(rng.integers(0, h - self.crop + 1)), int(rng.integers(0, w - self.crop + 1))
             flip = self.flip and bool(rng.integers(0, 2))
         else:
-            start = self._start(length, index % self.num_clips, rng)
-            y, x, flip = (h - self.crop) // 2, (w - self.crop) // 2, False
+            start = self._start(length, clip, rng)
+            (y, x), flip = crop_positions(h, w, self.crop, self.num_crops)[position], False
         frames = clip_indices(length, self.clip_len, self.frame_stride, start).tolist()
         window = (slice(y, y + self.crop), slice(x, x + self.crop))
         item = {"label": meta["label_index"], "video_id": video_id, "start": start, "crop": (y, x), "flip": flip}

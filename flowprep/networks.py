@@ -293,6 +293,22 @@ def checkpoint_num_classes(state: dict) -> int | None:
     return None
 
 
+# Input channels of each modality: the first convolution's width tells a checkpoint's modality.
+MODALITY_CHANNELS = {"rgb": 3, "flow": 2}
+
+
+def checkpoint_modality(state: dict) -> str:
+    """``"rgb"`` or ``"flow"``: what a state dict's network takes, from the input channels (3 or
+    2) of its first convolution (the first 5-D weight); ``ValueError`` otherwise."""
+    first = next((v for k, v in state.items() if k.endswith("weight") and v.dim() == 5), None)
+    if first is None:
+        raise ValueError("the checkpoint has no 3D convolution: cannot tell whether it takes RGB or flow")
+    for modality, channels in MODALITY_CHANNELS.items():
+        if first.shape[1] == channels:
+            return modality
+    raise ValueError(f"the checkpoint's first convolution takes {first.shape[1]} channels: neither RGB (3) nor flow (2)")
+
+
 class CheckpointMismatch(ValueError):
     """A state dict whose keys or shapes differ from the model's."""
 

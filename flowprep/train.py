@@ -17,7 +17,13 @@ loss terms) and hands it to :func:`launch`; everything else is here and the same
   the per-clip means of the loss terms over the epoch's ``steps`` that this invocation ran (the
   ``end`` line: over all it ran), ``lr`` of the last step, ``clips_per_s`` of all
   ranks, ``data_wait`` (the fraction of the time a step waited for its batch), ``seconds``, and
-  with ``--val-split`` the validation metrics (:func:`evaluate`).
+  with ``--val-split`` the validation metrics (:func:`evaluate`); with ``--log-every N`` a ``step``
+  line every N steps, the same quantities over the steps since the last ``step`` line (or the
+  epoch's start): ``steps`` of them, the loss terms (the student's ``ce`` and ``distill``, the
+  teacher's ``ce``), ``lr``, ``clips_per_s``, ``data_wait`` and ``seconds``;
+* ``--tensorboard``: the ``step`` and ``epoch`` lines' numbers also as TensorBoard scalars
+  (``step/loss``, ``epoch/val_top1``, ...; x: the step) in event files in RUN_DIR (the
+  ``tensorboard`` extra).
 
 ``--max-steps`` stops the run early but does not shorten the schedule, which always spans
 ``--epochs``: a rerun with a larger ``--max-steps`` then continues the very run an uninterrupted
@@ -56,7 +62,7 @@ from flowprep.networks import load_weights
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
 # Arguments a rerun may change: they stop the run elsewhere or change how it runs, not what it computes.
-FREE_ARGS = ("epochs", "max_steps", "num_workers", "progress", "record_items", "out")
+FREE_ARGS = ("epochs", "max_steps", "num_workers", "progress", "record_items", "out", "log_every", "tensorboard")
 
 
 class ResumeMismatch(ValueError):
@@ -68,6 +74,20 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
     return value
+
+
+class _TensorBoard(argparse.Action):
+    """``--tensorboard``: a flag that is refused (exit 2) where the tensorboard package is missing."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            parser.error(f'{option_string} needs the tensorboard package: pip install "flowprep[tensorboard]"')
+        setattr(namespace, self.dest, True)
 
 
 def argument_parser(description: str) -> argparse.ArgumentParser:
@@ -94,6 +114,8 @@ def argument_parser(description: str) -> argparse.ArgumentParser:
     add("--val-clips", type=positive_int, default=1, help="clips per validation video, logits averaged (1: the centre clip)")
     add("--record-items", action="store_true", help="each rank appends the items of every step to RUN_DIR/items-rank{r}.jsonl")
     add("--progress", action=argparse.BooleanOptionalAction, help="progress bar (default: when stderr is a terminal)")
+    add("--log-every", type=positive_int, help="a step line in log.jsonl every N steps (default: none)")
+    add("--tensorboard", action=_TensorBoard, help="also write the step and epoch lines as TensorBoard scalars in RUN_DIR")
     return parser
 
 
@@ -305,13 +327,29 @@ def load_checkpoint(path: Path, job: Job, optimizer, scheduler, scaler, args: ar
     return Position(saved["epoch"], saved["step"], saved["epoch_step"])
 
 
-def log_event(out: Path, dist: Dist, record: dict) -> None:
-    """Append a line to RUN_DIR/log.jsonl and print it (rank 0 only)."""
+def log_event(out: Path, dist: Dist, record: dict, board=None) -> None:
+    """Append a line to RUN_DIR/log.jsonl and print it (rank 0 only); with a TensorBoard
+    ``board``, a ``step`` or ``epoch`` line's numbers become scalars ``<event>/<key>`` at its step."""
     if dist.main:
         line = json.dumps(record)
         with open(out / LOG, "a") as f:
             f.write(line + "\n")
         print(line, flush=True)
+        if board is not None and record["event"] in ("step", "epoch"):
+            for key, value in record.items():
+                if key not in ("event", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    board.add_scalar(f"{record['event']}/{key}", value, record["step"])
+            board.flush()
+
+
+def tensorboard_writer(out: Path, dist: Dist, args: argparse.Namespace, pos: Position):
+    """With ``--tensorboard``, rank 0's SummaryWriter on RUN_DIR, which hides the scalars an
+    earlier invocation wrote past ``pos`` (``purge_step``: those steps are trained again); else None."""
+    if not (args.tensorboard and dist.main):
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(out), purge_step=pos.step + 1)
 
 
 def items_log(out: Path, dist: Dist, pos: Position, args: argparse.Namespace) -> Path | None:
@@ -367,9 +405,10 @@ class Totals:
 
 
 def train_epoch(net: nn.Module, job: Job, loader: DataLoader, optimizer, scheduler, scaler, pos: Position,
-                stop: int, args: argparse.Namespace, dist: Dist, items: Path | None) -> tuple[Totals, float]:
+                stop: int, args: argparse.Namespace, dist: Dist, items: Path | None, board=None) -> tuple[Totals, float]:
     """Train from ``pos`` to the end of its epoch or to step ``stop``, updating ``pos``; returns
-    this rank's totals and the lr of the last step."""
+    this rank's totals and the lr of the last step. With ``--log-every N``, logs a ``step`` line
+    (all ranks reduced) at every step that is a multiple of N."""
     sampler: ResumableSampler = loader.sampler
     sampler.set_epoch(pos.epoch, skip=pos.epoch_step * args.batch_size)
     remaining = len(loader)
@@ -380,11 +419,12 @@ def train_epoch(net: nn.Module, job: Job, loader: DataLoader, optimizer, schedul
     show = args.progress if dist.main else False  # None: when stderr is a terminal
     bar = tqdm(total=pos.epoch_step + remaining, initial=pos.epoch_step, desc=f"epoch {pos.epoch + 1}/{args.epochs}",
                unit="step", disable=None if show is None else not show, dynamic_ncols=True)
-    start = ready = time.perf_counter()
+    start = ready = window_start = time.perf_counter()
+    window = Totals()  # since the last step line
     batches = iter(loader)
     for k in range(steps):
         batch = next(batches)
-        totals.wait += time.perf_counter() - ready
+        wait = time.perf_counter() - ready
         if items:
             record = {"step": pos.step + 1, "epoch": pos.epoch, "items": indices[k * args.batch_size : (k + 1) * args.batch_size],
                       "videos": list(batch["video_id"])}
@@ -401,14 +441,18 @@ def train_epoch(net: nn.Module, job: Job, loader: DataLoader, optimizer, schedul
         scheduler.step()
         # One device sync per step: the step time and the data wait are then what the device saw.
         values = torch.stack([result.loss.detach().sum(), *(t.detach().sum() for t in result.terms.values())]).float().tolist()
-        for name, value in zip(["loss", *result.terms], values):
-            totals.sums[name] = totals.sums.get(name, 0.0) + value
-        totals.clips += len(result.loss)
-        totals.steps += 1
+        done = Totals(dict(zip(["loss", *result.terms], values)), clips=len(result.loss), steps=1, wait=wait)
+        totals.add(done)
+        window.add(done)
         pos.step += 1
         pos.epoch_step += 1
         bar.update()
         bar.set_postfix(loss=f"{values[0] / len(result.loss):.3f}", lr=f"{lr:.2g}")
+        if args.log_every and pos.step % args.log_every == 0:
+            window.seconds = time.perf_counter() - window_start
+            log_event(Path(args.out), dist, {"event": "step", "step": pos.step, "epoch": pos.epoch, "lr": lr,
+                                             **window.reduced(dist).summary(dist.world_size)}, board)
+            window, window_start = Totals(), time.perf_counter()
         ready = time.perf_counter()
     totals.seconds = time.perf_counter() - start
     bar.close()
@@ -421,7 +465,7 @@ def evaluate(net: nn.Module, job: Job, loader: DataLoader, dist: Dist) -> dict:
     """``val_top1``: the clip logits averaged over each video's K clips (``--val-clips``), argmax
     against the label; ``val_loss`` and ``val_<term>``: means over clips. Each clip counts once:
     ClipSampler pads the ranks with repeats of the first items, which are left out here."""
-    dataset, k = loader.dataset, loader.dataset.num_clips
+    dataset, k = loader.dataset, loader.dataset.views_per_video
     videos = len(dataset) // k
     logits = torch.zeros(videos, job.num_classes, dtype=torch.float64, device=dist.device)
     sums: dict[str, Tensor] = {}
@@ -472,6 +516,7 @@ def run(job: Job, args: argparse.Namespace, dist: Dist) -> RunResult:
     if dist.main and not resumed:  # lines of an earlier start that never reached a checkpoint
         (out / LOG).unlink(missing_ok=True)
     items = items_log(out, dist, pos, args)
+    board = tensorboard_writer(out, dist, args, pos)
     net = trainable
     if dist.world_size > 1:
         net = DistributedDataParallel(trainable, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
@@ -487,14 +532,15 @@ def run(job: Job, args: argparse.Namespace, dist: Dist) -> RunResult:
 
     everything, val, val_step = Totals(), {}, None
     while pos.step < stop:
-        totals, lr = train_epoch(net, job, loader, optimizer, scheduler, scaler, pos, stop, args, dist, items)
+        totals, lr = train_epoch(net, job, loader, optimizer, scheduler, scaler, pos, stop, args, dist, items, board)
         totals = totals.reduced(dist)
         everything.add(totals)
         if pos.epoch_step == 0:
             if val_loader is not None:
                 val, val_step = evaluate(net, job, val_loader, dist), pos.step
             save()
-            log_event(out, dist, {"event": "epoch", "step": pos.step, "epoch": pos.epoch, "lr": lr, **totals.summary(dist.world_size), **val})
+            log_event(out, dist, {"event": "epoch", "step": pos.step, "epoch": pos.epoch, "lr": lr, **totals.summary(dist.world_size), **val},
+                      board)
     if pos.epoch_step:  # stopped by --max-steps within an epoch
         save()
     if val_loader is not None and val_step != pos.step:
@@ -502,6 +548,8 @@ def run(job: Job, args: argparse.Namespace, dist: Dist) -> RunResult:
     end = {"event": "end", "step": pos.step, "epoch": pos.epoch, "epoch_step": pos.epoch_step, "lr": lr,
            **everything.summary(dist.world_size), **val}
     log_event(out, dist, end)
+    if board is not None:
+        board.close()
     return RunResult(job, end)
 
 

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 
 from flowprep import ClipDataset, ClipSampler
 from flowprep.devices import resolve_device
-from flowprep.networks import build_model, checkpoint_num_classes, load_state, load_weights
+from flowprep.networks import MODALITY_CHANNELS, build_model, checkpoint_modality, checkpoint_num_classes, load_state, load_weights
 
 OUTPUT_STRIDE = 4  # decoder output = crop / 4 pixels a side
 
@@ -123,14 +123,14 @@ def main(argv=None) -> dict:
     device = torch.device(resolve_device(args.device))
     torch.manual_seed(args.seed)
     state = load_state(args.checkpoint)
-    in_channels = next(v.shape[1] for k, v in state.items() if k.endswith("weight") and v.dim() == 5)
+    modality = checkpoint_modality(state)
+    in_channels = MODALITY_CHANNELS[modality]
     num_classes = args.num_classes or checkpoint_num_classes(state)
     if num_classes is None:
         raise SystemExit("--num-classes is needed: the checkpoint does not tell it")
     network = build_model(args.model, in_channels, num_classes)
     load_weights(network, state)
     network.eval().requires_grad_(False).to(device)
-    modality = {3: "rgb", 2: "flow"}[in_channels]
     common = {"modalities": tuple(dict.fromkeys((modality, "flow"))), "clip_len": args.clip_len, "crop": args.crop, "seed": args.seed}
     train = ClipDataset(args.shards, split=args.split, train=True, **common)
     held_out = ClipDataset(args.shards, split=args.val_split, train=False, **common)

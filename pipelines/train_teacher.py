@@ -27,9 +27,11 @@ from flowprep.networks import build_model, sequence_logits
 
 
 def flow_step(net: nn.Module, batch: dict) -> train.StepOutput:
-    """Cross-entropy of the clip logits of ``flow`` ``[B, 2, T, H, W]`` float32 in [-1, 1]."""
+    """Cross-entropy of the clip logits of ``flow`` ``[B, 2, T, H, W]`` float32 in [-1, 1]; the
+    loss is its one term, logged as ``ce`` (there is no ``distill`` term, and none is logged)."""
     logits = sequence_logits(net(batch["flow"]))
-    return train.StepOutput(loss=train.cross_entropy(logits, batch["label"]), terms={}, logits=logits)
+    ce = train.cross_entropy(logits, batch["label"])
+    return train.StepOutput(loss=ce, terms={"ce": ce}, logits=logits)
 
 
 def build_job(args: argparse.Namespace, dist: train.Dist) -> train.Job:

@@ -123,6 +123,27 @@ def test_evaluation_clips_are_centred_and_uniform(shards):
     assert [three[i]["start"] for i in range(3)] == [0, round(room / 2), room]
 
 
+def test_evaluation_crops_spread_along_the_long_side(small_shards):
+    common = dict(modalities=("rgb",), clip_len=8, crop=112, train=False, split="train", normalize=False)
+    one = ClipDataset(small_shards, **common)
+    many = ClipDataset(small_shards, num_clips=2, num_crops=3, **common)
+    assert (len(one), len(many), many.views_per_video) == (4, 24, 6)
+    video_id = one[0]["video_id"]
+    meta = ShardReader(small_shards).meta(video_id)
+    height, width, room = meta["height"], meta["width"], meta["num_frames"] - 8
+    assert height == 112 and width > height
+    views = [many[i] for i in range(6)]  # the first video's: clip by clip, crops within a clip
+    assert {v["video_id"] for v in views} == {video_id} and many[6]["video_id"] != video_id
+    ends = [(0, 0), (0, (width - 112) // 2), (0, width - 112)]
+    assert [v["crop"] for v in views] == ends * 2 and [v["start"] for v in views] == [0] * 3 + [room] * 3
+    # one crop is the centre crop and one clip the centre clip, as before num_crops
+    assert (one[0]["crop"], one[0]["start"]) == (ends[1], room // 2)
+    frames = ShardReader(small_shards).rgb(video_id, room, room + 8)  # [T, H, W, 3] uint8
+    assert torch.equal(views[5]["rgb"], torch.from_numpy(frames[:, :, width - 112 :]).permute(3, 0, 1, 2))
+    with pytest.raises(ValueError, match="num_crops must be 1"):
+        ClipDataset(small_shards, train=False, num_crops=3, teacher="t")
+
+
 def test_same_seed_same_clips_and_epochs_differ(shards):
     a, b, c = dataset(shards, seed=7), dataset(shards, seed=7), dataset(shards, seed=8)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from flowprep.clips import clip_span
+from flowprep.clips import clip_span, crop_positions
 
 
 VIEWS_RULE = ("starts every window_stride flow positions while the clip fits (start 0 only, wrapped, for a video "
@@ -61,14 +61,8 @@ class ViewGrid:
         return range(0, max(positions - self.span, 0) + 1, self.window_stride)
 
     def corners(self, height: int, width: int) -> list[tuple[int, int]]:
-        """``(top, left)`` of each crop position."""
-        if min(height, width) < self.crop:
-            raise ValueError(f"a {height}x{width} video is smaller than crop {self.crop}")
-        long_room = max(height, width) - self.crop
-        short_room = (min(height, width) - self.crop) // 2
-        along = [long_room // 2] if self.crops == 1 else [i * long_room // (self.crops - 1) for i in range(self.crops)]
-        along = list(dict.fromkeys(along))
-        return [(a, short_room) if height > width else (short_room, a) for a in along]
+        """``(top, left)`` of each crop position (:func:`~flowprep.clips.crop_positions`, each once)."""
+        return list(dict.fromkeys(crop_positions(height, width, self.crop, self.crops)))
 
     def flips(self) -> tuple[bool, ...]:
         return (False, True) if self.flip else (False,)

@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from flowprep.clips import clip_indices, clip_span, crop_positions, float_flow, flow_lookup_tables
+from flowprep.errors import OptionError
 from flowprep.shards.reader import ShardReader
 
 # Mean and std of RGB on the [0, 1] scale.
@@ -38,6 +39,10 @@ KINETICS_NORMALIZATION = ((0.43216, 0.394666, 0.37645), (0.22803, 0.22145, 0.216
 log = logging.getLogger(__name__)
 
 _configured_pid: int | None = None
+
+
+class MissingTeacher(FileNotFoundError):
+    """``ClipDataset(teacher=NAME)`` on a folder that holds no targets of that name."""
 
 
 def _configure_worker_threads() -> None:
@@ -75,7 +80,8 @@ class ClipDataset(Dataset):
         normalization: ``(mean, std)`` of RGB on the [0, 1] scale; default: I3D's [-1, 1].
         normalize: ``False`` returns uint8 tensors (RGB 0-255, flow ``q``, flipped flow x as
             ``255 - q``) to be normalized on the GPU: a quarter of the bytes through the
-            DataLoader's shared memory (uint8 flow shards only).
+            DataLoader's shared memory. Flow stays float32 in [-1, 1] when a folder stores float16
+            flow (every item's flow then has the same type).
         teacher: the name of targets stored by ``flowprep teacher`` in every folder. Training
             draws one of the stored views (start, crop position, flip) uniformly and returns
             the clip of exactly that view; evaluation clips are stored views too (unflipped, the
@@ -144,8 +150,6 @@ class ClipDataset(Dataset):
         if "flow" in modalities:
             for reader in self.readers:
                 reader.require_flow()  # an RGB-only output (extract --flow none)
-        if not normalize and "flow" in modalities and any(r.flow_dtype != np.uint8 for r in self.readers):
-            raise ValueError("normalize=False returns stored uint8 flow: these shards hold float16 flow")
         self.modalities = tuple(modalities)
         self.clip_len, self.frame_stride, self.crop = clip_len, frame_stride, crop
         self.train, self.flip, self.seed = train, flip, seed
@@ -160,7 +164,8 @@ class ClipDataset(Dataset):
             self._rgb_lut = ((levels / 255 - mean) / std).astype(np.float32)
         else:
             self._rgb_lut = None
-        self._flow_luts = flow_lookup_tables(normalize)
+        raw_flow = not normalize and all(r.flow_dtype == np.uint8 for r in self.readers if r.has_flow)
+        self._flow_luts = flow_lookup_tables(normalize=not raw_flow)
         self.epoch = 0
         self.targets = [self._open_teacher(f, teacher, teacher_outputs) for f in folders] if teacher else None
         self.teacher_outputs = tuple(teacher_outputs)
@@ -175,8 +180,8 @@ class ClipDataset(Dataset):
                     missing += 1
                     continue
                 if min(meta["height"], meta["width"]) < crop:
-                    raise ValueError(f"{reader.out}: {video_id} is {meta['height']}x{meta['width']}, smaller than crop {crop}: "
-                                     "extract with a larger --short-side or use a smaller crop")
+                    raise OptionError(f"{reader.out}: {video_id} is {meta['height']}x{meta['width']}, smaller than crop {crop}: "
+                                      "extract with a larger --short-side or use a smaller crop", "crop")
                 self.videos.append((r, video_id))
         if missing:
             log.warning("%d videos have no targets of teacher %r (see its failures.jsonl) and are left out", missing, teacher)
@@ -184,15 +189,22 @@ class ClipDataset(Dataset):
     def _open_teacher(self, folder, name: str, outputs: Sequence[str]):
         from flowprep.teacher.targets import TeacherTargets
 
-        targets = TeacherTargets(folder, name)
+        try:
+            targets = TeacherTargets(folder, name)
+        except FileNotFoundError as e:
+            raise MissingTeacher(str(e)) from None
+        except ValueError as e:  # a name that is not a folder name, targets on object storage, another schema
+            raise OptionError(str(e), "teacher") from None
         grid = targets.grid
-        ours = (self.clip_len, self.frame_stride, self.crop)
-        if ours != (grid.clip_len, grid.frame_stride, grid.crop):
-            raise ValueError(f"teacher {name!r} stored clip_len {grid.clip_len}, frame_stride {grid.frame_stride}, crop {grid.crop}; "
-                             f"this dataset asks clip_len {self.clip_len}, frame_stride {self.frame_stride}, crop {self.crop}")
+        ours = {"clip_len": self.clip_len, "frame_stride": self.frame_stride, "crop": self.crop}
+        stored = {"clip_len": grid.clip_len, "frame_stride": grid.frame_stride, "crop": grid.crop}
+        differ = [key for key in ours if ours[key] != stored[key]]
+        if differ:
+            raise OptionError(f"teacher {name!r} stored {', '.join(f'{k} {v}' for k, v in stored.items())}; "
+                              f"this dataset asks {', '.join(f'{k} {v}' for k, v in ours.items())}", differ[0])
         unknown = set(outputs) - set(targets.outputs)
         if unknown:
-            raise ValueError(f"teacher {name!r} stored {sorted(targets.outputs)}, not {sorted(unknown)}")
+            raise OptionError(f"teacher {name!r} stored {sorted(targets.outputs)}, not {sorted(unknown)}", "teacher_outputs")
         return targets
 
     @property
@@ -229,6 +241,8 @@ class ClipDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         index, epoch = key if isinstance(key, tuple) else (key, self.epoch)
+        if not 0 <= index < len(self):  # an item's draws come from its index: no negative indices
+            raise IndexError(f"item {index} is out of range: this ClipDataset has {len(self)} items")
         _configure_worker_threads()
         r, video_id = self.videos[index // self.views_per_video]
         clip, position = divmod(index % self.views_per_video, self.num_crops)

@@ -18,8 +18,10 @@ class FlowError(VideoError):
 
 class OptionError(ValueError):
     """An option value, or an input named by one, that cannot work (a NaN bound, ``warps=0``, an
-    empty source folder). ``option`` is the :class:`~flowprep.pipeline.ExtractConfig` field or
-    ``extract`` argument it concerns (the CLI names the option from it and exits with status 2)."""
+    empty source folder, a crop larger than the frames). ``option`` is the
+    :class:`~flowprep.pipeline.ExtractConfig` field, ``extract`` or :class:`~flowprep.ClipDataset`
+    argument, or training option it concerns (the commands name the option from it and exit with
+    status 2)."""
 
     def __init__(self, message: str, option: str):
         super().__init__(message)

@@ -12,8 +12,11 @@ loss terms) and hands it to :func:`launch`; everything else is here and the same
 * SGD (momentum 0.9) or AdamW and a cosine schedule from ``--lr`` to 0 over ``--epochs``;
 * ``RUN_DIR/checkpoint.pt`` at the end of every epoch and when ``--max-steps`` stops the run;
   rerunning the command resumes where it stopped, even mid-epoch;
-* ``RUN_DIR/log.jsonl`` (rank 0): a ``start`` line per invocation, an ``epoch`` line per epoch
-  and an ``end`` line per invocation: ``step`` (steps done in all), ``epoch`` (epochs completed),
+* a loss, validation metric or weight that is not finite stops the run before anything more is
+  saved (:class:`NonFinite`, exit status 3): the checkpoint keeps the last finite step;
+* ``RUN_DIR/log.jsonl`` (rank 0, strict JSON): a ``start`` line per invocation, an ``epoch`` line
+  per epoch, an ``end`` line per invocation (a ``stop`` line when the run stopped on a
+  non-finite value): ``step`` (steps done in all), ``epoch`` (epochs completed),
   the per-clip means of the loss terms over the epoch's ``steps`` that this invocation ran (the
   ``end`` line: over all it ran), ``lr`` of the last step, ``clips_per_s`` of all
   ranks, ``data_wait`` (the fraction of the time a step waited for its batch), ``seconds``, and
@@ -41,8 +44,11 @@ import itertools
 import json
 import math
 import os
+import re
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,25 +61,90 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from flowprep.clips import unit_range
-from flowprep.dataset import ClipDataset, ClipSampler
+from flowprep.dataset import ClipDataset, ClipSampler, MissingTeacher
 from flowprep.devices import resolve_device
-from flowprep.networks import load_weights
+from flowprep.errors import OptionError
+from flowprep.networks import build_model, load_weights
+from flowprep.storage import storage
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
+ITEMS = re.compile(r"items-rank\d+\.jsonl")
 # Arguments a rerun may change: they stop the run elsewhere or change how it runs, not what it computes.
 FREE_ARGS = ("epochs", "max_steps", "num_workers", "progress", "record_items", "out", "log_every", "tensorboard")
+# What every checkpoint of a run holds (save_checkpoint).
+CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "scaler", "epoch", "step", "epoch_step", "args", "world_size"}
+EXIT_USAGE = 2  # a bad option, or an input named by one (argparse's status)
+EXIT_NON_FINITE = 3  # a loss, validation metric or weight that is not finite stopped the run
+MAX_SEED = 2**63 - 1
 
 
-class ResumeMismatch(ValueError):
-    """RUN_DIR holds a checkpoint of a run with other arguments."""
+class ResumeMismatch(OptionError):
+    """RUN_DIR holds a checkpoint of a run with other arguments (option ``out``)."""
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return value
+class NonFinite(RuntimeError):
+    """A loss, a validation metric or a weight that is not finite: the run stops before it saves."""
+
+
+def number(kind: type, minimum: float, *, above: bool = False, maximum: float | None = None) -> Callable[[str], float]:
+    """An argparse ``type`` for the numeric options of the training and probe commands: the text
+    as ``kind`` (``int`` or ``float``), finite, ``>= minimum`` (``> minimum`` with ``above``) and
+    ``<= maximum``; anything else is refused as argparse refuses a value, naming the option (exit
+    status 2), before anything runs."""
+    bounds = f"{'>' if above else '>='} {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
+    wanted = f"{'an integer' if kind is int else 'a finite number'} {bounds}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or (kind is float and not math.isfinite(value)) or value < minimum or (above and value == minimum) \
+                or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}")
+        return value
+
+    return parse
+
+
+def option_flag(option: str) -> str:
+    """An :class:`OptionError`'s option (``clip_len``) as the command line spells it (``--clip-len``)."""
+    return "--" + option.replace("_", "-")
+
+
+@contextmanager
+def dataset_options():
+    """Errors of making a :class:`ClipDataset` from the command line's options as the
+    :class:`OptionError` of the option they concern: the dataset's own (``crop``, ``clip_len``,
+    ``teacher_outputs``, ...), ``teacher`` for targets that are not there, ``shards`` for a folder
+    that is not an output of ``flowprep extract`` (or holds no flow for a job that reads it)."""
+    try:
+        yield
+    except MissingTeacher as e:
+        raise OptionError(str(e), "teacher") from None
+    except OptionError:
+        raise
+    except (FileNotFoundError, ValueError) as e:
+        raise OptionError(str(e), "shards") from None
+
+
+def build_network(name: str, in_channels: int, num_classes: int) -> nn.Module:
+    """:func:`~flowprep.networks.build_model`, a model it cannot build an OptionError on ``model``."""
+    try:
+        return build_model(name, in_channels, num_classes)
+    except ValueError as e:
+        raise OptionError(str(e), "model") from None
+
+
+def shard_location(text: str) -> str:
+    """A ``--shards`` argument as the job passes it on: a local folder made absolute (so a log or
+    checkpoint names it wherever the job ran), an object storage URI as it is."""
+    try:
+        local = storage(text).local
+    except ValueError as e:
+        raise OptionError(str(e), "shards") from None
+    return str(Path(text).resolve()) if local else text
 
 
 class _TensorBoard(argparse.Action):
@@ -97,21 +168,22 @@ def argument_parser(description: str) -> argparse.ArgumentParser:
     add("--shards", nargs="+", required=True, help="output folders of flowprep extract")
     add("--out", required=True, help="run folder: checkpoint.pt, log.jsonl; rerunning the command resumes")
     add("--model", required=True, help="s3dg, i3d or package.module:factory (called with in_channels=, num_classes=)")
-    add("--epochs", type=positive_int, required=True, help="the schedule's length")
-    add("--max-steps", type=positive_int, help="stop after this many steps in all (the schedule still spans --epochs)")
-    add("--batch-size", type=positive_int, required=True, help="clips per step and process")
-    add("--clip-len", type=positive_int, required=True, help="frames per clip (>= 8 for i3d, s3dg)")
-    add("--frame-stride", type=positive_int, default=1, help="step between clip frames")
-    add("--crop", type=positive_int, required=True, help="side of the square crop (>= 112 for i3d, s3dg)")
-    add("--lr", type=float, required=True, help="peak learning rate (per step, whatever the number of processes)")
+    positive = number(int, 1)
+    add("--epochs", type=positive, required=True, help="the schedule's length")
+    add("--max-steps", type=positive, help="stop after this many steps in all (the schedule still spans --epochs)")
+    add("--batch-size", type=positive, required=True, help="clips per step and process")
+    add("--clip-len", type=positive, required=True, help="frames per clip (>= 8 for i3d, s3dg)")
+    add("--frame-stride", type=positive, default=1, help="step between clip frames")
+    add("--crop", type=positive, required=True, help="side of the square crop (>= 112 for i3d, s3dg)")
+    add("--lr", type=number(float, 0, above=True), required=True, help="peak learning rate (per step, whatever the number of processes)")
     add("--optimizer", choices=("sgd", "adamw"), default="sgd", help="SGD with momentum 0.9, or AdamW")
-    add("--weight-decay", type=float, default=1e-4)
-    add("--seed", type=int, default=0, help="initial weights, sampler order, clip draws and dropout")
-    add("--device", default="auto", help="auto (cuda when there is one), cpu or cuda")
-    add("--num-workers", type=int, default=4, help="DataLoader workers per process")
+    add("--weight-decay", type=number(float, 0), default=1e-4)
+    add("--seed", type=number(int, 0, maximum=MAX_SEED), default=0, help="initial weights, sampler order, clip draws and dropout")
+    add("--device", default="auto", help="auto (cuda when there is one), cpu, cuda or cuda:N")
+    add("--num-workers", type=number(int, 0), default=4, help="DataLoader workers per process")
     add("--split", default="train", help="the videos to train on")
     add("--val-split", help="validate on these videos after every epoch (default: no validation)")
-    add("--val-clips", type=positive_int, default=1, help="clips per validation video, logits averaged (1: the centre clip)")
+    add("--val-clips", type=positive, default=1, help="clips per validation video, logits averaged (1: the centre clip)")
     add("--record-items", action="store_true", help="each rank appends the items of every step to RUN_DIR/items-rank{r}.jsonl")
     add("--progress", action=argparse.BooleanOptionalAction, help="progress bar (default: when stderr is a terminal)")
     add("--log-every", type=positive_int, help="a step line in log.jsonl every N steps (default: none)")
@@ -189,24 +261,30 @@ class RunResult:
 
 
 def make_datasets(args: argparse.Namespace, modalities: Sequence[str], **teacher) -> tuple[ClipDataset, ClipDataset | None]:
-    """Training and (with ``--val-split``) validation clips of ``--shards`` as uint8 tensors;
-    ``teacher``: ``teacher=NAME, teacher_outputs=(...)`` for stored targets."""
+    """Training and (with ``--val-split``) validation clips of ``--shards`` as uint8 tensors (flow
+    of float16 shards as float32); ``teacher``: ``teacher=NAME, teacher_outputs=(...)`` for stored
+    targets. An option they do not fit is an :class:`OptionError` (:func:`dataset_options`)."""
     common = dict(modalities=modalities, clip_len=args.clip_len, frame_stride=args.frame_stride, crop=args.crop,
                   seed=args.seed, normalize=False, **teacher)
-    train = ClipDataset(args.shards, train=True, split=args.split, **common)
-    if not len(train):
-        raise ValueError(f"no videos of split {args.split!r} in {', '.join(args.shards)}")
-    val = ClipDataset(args.shards, train=False, split=args.val_split, num_clips=args.val_clips, **common) if args.val_split else None
-    if val is not None and not len(val):
-        raise ValueError(f"no videos of split {args.val_split!r} in {', '.join(args.shards)}")
+    with dataset_options():
+        train = ClipDataset(args.shards, train=True, split=args.split, **common)
+        val = ClipDataset(args.shards, train=False, split=args.val_split, num_clips=args.val_clips, **common) if args.val_split else None
+    require_videos(args, split=train, val_split=val)
     return train, val
+
+
+def require_videos(args: argparse.Namespace, **datasets: ClipDataset | None) -> None:
+    """An :class:`OptionError` on the split option (``split=dataset, ...``) whose dataset has no videos."""
+    for option, dataset in datasets.items():
+        if dataset is not None and not len(dataset):
+            raise OptionError(f"no videos of split {getattr(args, option)!r} in {', '.join(map(str, args.shards))}", option)
 
 
 def num_classes(dataset: ClipDataset) -> int:
     """The size of the label map, which every folder of the dataset must share."""
     maps = [r.label_map for r in dataset.readers]
     if any(m != maps[0] for m in maps):
-        raise ValueError("the --shards folders have different label maps: extract them with one label map")
+        raise OptionError("the --shards folders have different label maps: extract them with one label map", "shards")
     return len(maps[0])
 
 
@@ -238,13 +316,14 @@ def make_loader(dataset: ClipDataset, args: argparse.Namespace, dist: Dist, shuf
 def to_device(batch: dict, device: torch.device) -> dict:
     """A collated batch on ``device``: clips ``rgb`` ``[B, 3, T, H, W]`` and ``flow``
     ``[B, 2, T, H, W]`` uint8 become float32 ``q / 127.5 - 1`` in [-1, 1] (RGB as I3D and S3D-G
-    take it, and the stored flow's own scale, flipped x already stored as ``255 - q``);
-    ``label`` ``[B]`` and ``teacher_*`` ``[B, dim]`` are moved as they are; ids and views stay."""
+    take it, and the stored flow's own scale, flipped x already stored as ``255 - q``); float32
+    clips (the flow of float16 shards, already in [-1, 1]), ``label`` ``[B]`` and ``teacher_*``
+    ``[B, dim]`` are moved as they are; ids and views stay."""
     out = dict(batch)
     for key, value in batch.items():
-        if key in ("rgb", "flow"):
+        if key in ("rgb", "flow") and value.dtype == torch.uint8:
             out[key] = unit_range(value.to(device, non_blocking=True))
-        elif key == "label" or key.startswith("teacher_"):
+        elif key in ("rgb", "flow", "label") or key.startswith("teacher_"):
             out[key] = value.to(device, non_blocking=True)
     return out
 
@@ -303,11 +382,71 @@ def save_checkpoint(path: Path, job: Job, optimizer, scheduler, scaler, pos: Pos
     os.replace(partial, path)
 
 
-def load_checkpoint(path: Path, job: Job, optimizer, scheduler, scaler, args: argparse.Namespace,
+@contextmanager
+def torch_file(path: Path):
+    """Around ``torch.load`` of ``path``: whatever it raises for a file that is not
+    ``torch.save``'s (it has no one error for that: EOFError, UnpicklingError, KeyError, ...)
+    becomes a ValueError naming the file, and its warnings about a foreign pickle are silenced
+    (that error says it). A ValueError raised inside (a reader's own check) passes as it is."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    except ValueError:
+        raise
+    except Exception as e:
+        raise ValueError(f"{path}: torch.load cannot read it ({type(e).__name__})") from None
+
+
+def read_checkpoint(path: Path) -> dict:
+    """The checkpoint ``path`` of a run, read to resume it; a file that is not one (empty, not
+    ``torch.save``'s, another program's) is an :class:`OptionError` on ``out``."""
+    try:
+        with torch_file(path):
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+    except ValueError as e:
+        problem = str(e)
+    else:
+        missing = sorted(CHECKPOINT_KEYS - saved.keys()) if isinstance(saved, dict) else []
+        if isinstance(saved, dict) and not missing and isinstance(saved["args"], dict):
+            return saved
+        problem = f"{path} lacks {', '.join(missing)}" if missing else f"{path} holds no run"
+    raise OptionError(f"{problem}: not a checkpoint of a training run; use another --out, or remove it to start over", "out")
+
+
+def run_folder(out: Path) -> dict | None:
+    """Check ``--out`` before anything is built: the checkpoint of the run to resume, or ``None``
+    for a new run. A new run needs a new or empty folder, or one holding only what a start that
+    never reached its first checkpoint leaves (a log without ``epoch`` or ``end`` lines, items
+    logs, a half-written checkpoint), which it continues; anything else (an earlier run's log
+    whose checkpoint is gone, other files, a file for a folder) is an :class:`OptionError` on
+    ``out``, and nothing is deleted."""
+    if out.exists() and not out.is_dir():
+        raise OptionError(f"{out} is a file, not a run folder", "out")
+    checkpoint = out / CHECKPOINT
+    if checkpoint.exists():
+        return read_checkpoint(checkpoint)
+    others = [p.name for p in sorted(out.iterdir()) if not leftover(p)] if out.exists() else []
+    if others:
+        raise OptionError(f"{out} holds {', '.join(others)} but no {CHECKPOINT}: it is not a run to resume; "
+                          "use a new or empty --out", "out")
+    return None
+
+
+def leftover(path: Path) -> bool:
+    """Whether ``path`` is what a run leaves in RUN_DIR before its first checkpoint."""
+    if path.name == LOG:
+        try:
+            return all(json.loads(line)["event"] in ("start", "stop") for line in path.read_text().splitlines())
+        except (ValueError, KeyError, TypeError):
+            return False
+    return path.name == Path(CHECKPOINT).with_suffix(".partial").name or bool(ITEMS.fullmatch(path.name))
+
+
+def load_checkpoint(saved: dict, path: Path, job: Job, optimizer, scheduler, scaler, args: argparse.Namespace,
                     world_size: int) -> Position:
-    """Restore a run from its checkpoint; :class:`ResumeMismatch` when ``args`` (but for
-    :data:`FREE_ARGS`) or the number of processes differ from the run's."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    """Restore a run from its checkpoint ``saved`` (read from ``path``); :class:`ResumeMismatch`
+    when ``args`` (but for :data:`FREE_ARGS`) or the number of processes differ from the run's."""
     ours = run_args(args)
     changed = [f"--{k.replace('_', '-')} {saved['args'].get(k)!r} (now {ours.get(k)!r})"
                for k in sorted(saved["args"].keys() | ours.keys()) if k not in FREE_ARGS and saved["args"].get(k) != ours.get(k)]
@@ -315,7 +454,7 @@ def load_checkpoint(path: Path, job: Job, optimizer, scheduler, scaler, args: ar
         changed.append(f"{saved['world_size']} processes (now {world_size})")
     if changed:
         raise ResumeMismatch(f"{path} is a run with other arguments: {'; '.join(changed)}. Rerun with its arguments "
-                             f"(--epochs and --max-steps may grow) or use another --out.")
+                             f"(--epochs and --max-steps may grow) or use another --out.", "out")
     for name, module in job.modules.items():
         load_weights(module, saved[name])
     optimizer.load_state_dict(saved["optimizer"])
@@ -328,10 +467,11 @@ def load_checkpoint(path: Path, job: Job, optimizer, scheduler, scaler, args: ar
 
 
 def log_event(out: Path, dist: Dist, record: dict, board=None) -> None:
-    """Append a line to RUN_DIR/log.jsonl and print it (rank 0 only); with a TensorBoard
-    ``board``, a ``step`` or ``epoch`` line's numbers become scalars ``<event>/<key>`` at its step."""
+    """Append a line to RUN_DIR/log.jsonl and print it (rank 0 only); strict JSON: a value that
+    is not finite is a ValueError, never a bare NaN in the log. With a TensorBoard ``board``, a
+    ``step`` or ``epoch`` line's numbers become scalars ``<event>/<key>`` at its step."""
     if dist.main:
-        line = json.dumps(record)
+        line = json.dumps(record, allow_nan=False)
         with open(out / LOG, "a") as f:
             f.write(line + "\n")
         print(line, flush=True)
@@ -440,12 +580,20 @@ def train_epoch(net: nn.Module, job: Job, loader: DataLoader, optimizer, schedul
         scaler.update()
         scheduler.step()
         # One device sync per step: the step time and the data wait are then what the device saw.
-        values = torch.stack([result.loss.detach().sum(), *(t.detach().sum() for t in result.terms.values())]).float().tolist()
+        sums = torch.stack([result.loss.detach().sum(), *(t.detach().sum() for t in result.terms.values())]).float()
+        finite = torch.isfinite(sums).all().int()
+        if dist.world_size > 1:  # every rank stops at the same step
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        values = sums.tolist()
+        pos.step += 1
+        pos.epoch_step += 1
+        if not finite:
+            terms = ", ".join(f"{name} {value / len(result.loss):.4g}" for name, value in zip(["loss", *result.terms], values))
+            raise NonFinite(f"the loss is not finite ({terms})" if dist.world_size == 1 else
+                            f"the loss is not finite on at least one rank (rank {dist.rank}: {terms})")
         done = Totals(dict(zip(["loss", *result.terms], values)), clips=len(result.loss), steps=1, wait=wait)
         totals.add(done)
         window.add(done)
-        pos.step += 1
-        pos.epoch_step += 1
         bar.update()
         bar.set_postfix(loss=f"{values[0] / len(result.loss):.3f}", lr=f"{lr:.2g}")
         if args.log_every and pos.step % args.log_every == 0:
@@ -491,11 +639,26 @@ def evaluate(net: nn.Module, job: Job, loader: DataLoader, dist: Dist) -> dict:
     logits = totals[: logits.numel()].view_as(logits)
     labels = torch.tensor(dataset.labels[::k], device=dist.device)
     top1 = (logits.argmax(1) == labels).double().mean().item()
-    return {"val_top1": top1, **{f"val_{n}": v / len(dataset) for n, v in zip(names, totals[logits.numel() :].tolist())}}
+    metrics = {"val_top1": top1, **{f"val_{n}": v / len(dataset) for n, v in zip(names, totals[logits.numel() :].tolist())}}
+    bad = [f"{name} {value:.4g}" for name, value in metrics.items() if not math.isfinite(value)]
+    if bad:
+        raise NonFinite(f"the validation metrics are not finite ({', '.join(bad)})")
+    return metrics
 
 
-def run(job: Job, args: argparse.Namespace, dist: Dist) -> RunResult:
-    """Train ``job`` as ``args`` say, from RUN_DIR's checkpoint when there is one."""
+def non_finite_weights(job: Job) -> list[str]:
+    """The floating-point tensors of ``job``'s modules (parameters and buffers) that hold a NaN or
+    an infinity, as ``module.name``; one device sync."""
+    named = [(f"{key}.{name}", t) for key, module in job.modules.items() for name, t in module.state_dict().items()
+             if t.is_floating_point()]
+    finite = torch.stack([torch.isfinite(t).all() for _, t in named]).tolist()
+    return [name for (name, _), ok in zip(named, finite) if not ok]
+
+
+def run(job: Job, args: argparse.Namespace, dist: Dist, saved: dict | None) -> RunResult:
+    """Train ``job`` as ``args`` say, from RUN_DIR's checkpoint ``saved`` (:func:`run_folder`)
+    when there is one. A loss, validation metric or weight that is not finite stops the run
+    before it saves anything more: :class:`NonFinite`, with a ``stop`` line in the log."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     trainable = job.trainable.to(dist.device)
@@ -506,15 +669,13 @@ def run(job: Job, args: argparse.Namespace, dist: Dist) -> RunResult:
     scheduler = cosine_schedule(optimizer, args.epochs * steps_per_epoch)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=dist.device.type == "cuda")
     checkpoint = out / CHECKPOINT
-    resumed = checkpoint.exists()
-    pos = load_checkpoint(checkpoint, job, optimizer, scheduler, scaler, args, dist.world_size) if resumed else Position()
+    resumed = saved is not None
+    pos = load_checkpoint(saved, checkpoint, job, optimizer, scheduler, scaler, args, dist.world_size) if resumed else Position()
     stop = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
     if pos.step >= stop:
         if dist.main:
             print(f"{out}: the run is at step {pos.step} (epoch {pos.epoch}); nothing to do up to step {stop}")
         return RunResult(job, None)
-    if dist.main and not resumed:  # lines of an earlier start that never reached a checkpoint
-        (out / LOG).unlink(missing_ok=True)
     items = items_log(out, dist, pos, args)
     board = tensorboard_writer(out, dist, args, pos)
     net = trainable
@@ -524,27 +685,40 @@ def run(job: Job, args: argparse.Namespace, dist: Dist) -> RunResult:
                           "resumed": resumed, "steps_per_epoch": steps_per_epoch, "stop_step": stop,
                           "world_size": dist.world_size, "device": str(dist.device), **job.start, "args": run_args(args)})
 
+    kept = pos.step if resumed else None  # the step the checkpoint holds
+
     def save() -> None:
+        nonlocal kept
         if job.check is not None:
             job.check()
+        bad = non_finite_weights(job)
+        if bad:
+            raise NonFinite(f"the weights are not finite ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
         if dist.main:
             save_checkpoint(checkpoint, job, optimizer, scheduler, scaler, pos, args, dist.world_size)
+        kept = pos.step
 
     everything, val, val_step = Totals(), {}, None
-    while pos.step < stop:
-        totals, lr = train_epoch(net, job, loader, optimizer, scheduler, scaler, pos, stop, args, dist, items, board)
-        totals = totals.reduced(dist)
-        everything.add(totals)
-        if pos.epoch_step == 0:
-            if val_loader is not None:
-                val, val_step = evaluate(net, job, val_loader, dist), pos.step
+    try:
+        while pos.step < stop:
+            totals, lr = train_epoch(net, job, loader, optimizer, scheduler, scaler, pos, stop, args, dist, items, board)
+            totals = totals.reduced(dist)
+            everything.add(totals)
+            if pos.epoch_step == 0:
+                if val_loader is not None:
+                    val, val_step = evaluate(net, job, val_loader, dist), pos.step
+                save()
+                log_event(out, dist, {"event": "epoch", "step": pos.step, "epoch": pos.epoch, "lr": lr,
+                                      **totals.summary(dist.world_size), **val}, board)
+        if pos.epoch_step:  # stopped by --max-steps within an epoch
             save()
-            log_event(out, dist, {"event": "epoch", "step": pos.step, "epoch": pos.epoch, "lr": lr, **totals.summary(dist.world_size), **val},
-                      board)
-    if pos.epoch_step:  # stopped by --max-steps within an epoch
-        save()
-    if val_loader is not None and val_step != pos.step:
-        val = evaluate(net, job, val_loader, dist)
+        if val_loader is not None and val_step != pos.step:
+            val = evaluate(net, job, val_loader, dist)
+    except NonFinite as e:
+        kept_text = f"{checkpoint} keeps step {kept}" if kept is not None else "no checkpoint was saved"
+        message = f"step {pos.step}: {e}: the run stops; {kept_text}"
+        log_event(out, dist, {"event": "stop", "step": pos.step, "epoch": pos.epoch, "checkpoint_step": kept, "reason": message})
+        raise NonFinite(message) from None
     end = {"event": "end", "step": pos.step, "epoch": pos.epoch, "epoch_step": pos.epoch_step, "lr": lr,
            **everything.summary(dist.world_size), **val}
     log_event(out, dist, end)
@@ -553,21 +727,36 @@ def run(job: Job, args: argparse.Namespace, dist: Dist) -> RunResult:
     return RunResult(job, end)
 
 
+def usage_message(parser: argparse.ArgumentParser, error: OptionError) -> str:
+    """The line argparse prints for a bad value, for ``error``: ``PROG: error: argument --OPTION: ...``."""
+    return f"{parser.prog}: error: argument {option_flag(error.option)}: {error}\n"
+
+
 def launch(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
            build_job: Callable[[argparse.Namespace, Dist], Job]) -> RunResult:
-    """A script's ``main``: parse ``argv``, join the process group under torchrun, seed torch (so
-    a seed gives the same initial weights), build the job and train it."""
+    """A script's ``main``: parse ``argv``, check ``--shards``, ``--out`` and ``--device``, join
+    the process group under torchrun, seed torch (so a seed gives the same initial weights), build
+    the job and train it. Bad usage (an :class:`OptionError`) exits with status 2 and a
+    :class:`NonFinite` stop with 3, each with one line on stderr."""
     args = parser.parse_args(argv)
-    args.shards = [str(Path(s).resolve()) for s in args.shards]
     try:
+        args.shards = [shard_location(s) for s in args.shards]
+        saved = run_folder(Path(args.out))
         dist = setup_distributed(args.device)
-    except ValueError as e:
-        parser.error(str(e))
+    except OptionError as e:
+        parser.exit(EXIT_USAGE, usage_message(parser, e))
+    except ValueError as e:  # --device, named by resolve_device's message
+        parser.exit(EXIT_USAGE, f"{parser.prog}: error: {e}\n")
     try:
         torch.manual_seed(args.seed)
-        return run(build_job(args, dist), args, dist)
-    except ResumeMismatch as e:
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
+        return run(build_job(args, dist), args, dist, saved)
+    except OptionError as e:
+        status, message = EXIT_USAGE, usage_message(parser, e)
+    except NonFinite as e:
+        status, message = EXIT_NON_FINITE, f"{parser.prog}: error: {e}\n"
     finally:
         if dist.world_size > 1:
             torch.distributed.destroy_process_group()
+    # Exit outside the except clauses: the failed run's frames, and with them its DataLoaders and
+    # their worker processes, are released here, before the interpreter shuts down.
+    parser.exit(status, message)

@@ -21,12 +21,18 @@ takes 3 channels, flow when 2.
         --clip-len 64 --crop 224 --device cuda
 
 The last line printed is a JSON object with ``epe`` and ``epe_zeros`` (also ``RUN_DIR/probe.json``).
+
+Exit status: 0 when the probe ran; 2 on bad usage (an option out of range, a layer the network
+does not have, a split without videos, a crop larger than the frames, ...: one line naming the
+option); 1 when the checkpoint cannot be used (unreadable, no state dict, not the network of
+--model); 3 when the decoder's loss or the EPE is not finite (nothing is written).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -35,11 +41,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from flowprep import ClipDataset, ClipSampler
+from flowprep import ClipDataset, ClipSampler, train
 from flowprep.devices import resolve_device
-from flowprep.networks import MODALITY_CHANNELS, build_model, checkpoint_modality, checkpoint_num_classes, load_state, load_weights
+from flowprep.errors import OptionError
+from flowprep.networks import MODALITY_CHANNELS, CheckpointMismatch, checkpoint_modality, checkpoint_num_classes, load_state, load_weights
 
 OUTPUT_STRIDE = 4  # decoder output = crop / 4 pixels a side
+EXIT_CHECKPOINT = 1
+
+
+class UnusableCheckpoint(ValueError):
+    """A ``--checkpoint`` the probe cannot use (exit status 1)."""
 
 
 class _Features(Exception):
@@ -95,62 +107,89 @@ def end_point_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred - target).square().sum(1).sqrt().mean()
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    positive = train.number(int, 1)
     parser.add_argument("--shards", nargs="+", required=True)
-    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--checkpoint", required=True, type=Path)
     parser.add_argument("--model", required=True, help="s3dg, i3d or package.module:factory")
-    parser.add_argument("--num-classes", type=int, help="classes of the network (default: the checkpoint's)")
+    parser.add_argument("--num-classes", type=positive, help="classes of the network (default: the checkpoint's)")
     parser.add_argument("--layer", required=True, help="an end point, e.g. Mixed_3c, Mixed_4f, Mixed_5c")
     parser.add_argument("--decoder", choices=("simple", "spatial"), default="simple")
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--max-steps", type=int, default=2000)
-    parser.add_argument("--eval-clips", type=int, default=64, help="held-out clips the EPE is measured on (at most)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--clip-len", type=int, default=64)
-    parser.add_argument("--crop", type=int, default=224)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--max-steps", type=positive, default=2000)
+    parser.add_argument("--eval-clips", type=positive, default=64, help="held-out clips the EPE is measured on (at most)")
+    parser.add_argument("--batch-size", type=positive, default=8)
+    parser.add_argument("--clip-len", type=positive, default=64)
+    parser.add_argument("--crop", type=positive, default=224)
+    parser.add_argument("--lr", type=train.number(float, 0, above=True), default=1e-3)
     parser.add_argument("--split", default="train")
     parser.add_argument("--val-split", default="val", help="held-out split (its centre clips)")
-    parser.add_argument("--num-workers", type=int, default=0)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    parser.add_argument("--num-workers", type=train.number(int, 0), default=0)
+    parser.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda or cuda:N")
+    parser.add_argument("--seed", type=train.number(int, 0, maximum=train.MAX_SEED), default=0)
+    return parser
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    device = torch.device(resolve_device(args.device))
-    torch.manual_seed(args.seed)
-    state = load_state(args.checkpoint)
-    modality = checkpoint_modality(state)
+def frozen_network(args: argparse.Namespace) -> tuple[nn.Module, str]:
+    """The network of ``--checkpoint`` (built as ``--model``) and the modality it takes, checked:
+    a checkpoint that cannot be used is an :class:`UnusableCheckpoint`, ``--layer`` that the
+    network does not have an :class:`OptionError`."""
+    if not args.checkpoint.is_file():
+        raise OptionError(f"{args.checkpoint} is not a file", "checkpoint")
+    try:
+        with train.torch_file(args.checkpoint):
+            state = load_state(args.checkpoint)
+    except ValueError as e:
+        raise UnusableCheckpoint(str(e)) from None
+    try:
+        modality = checkpoint_modality(state)
+    except ValueError as e:
+        raise UnusableCheckpoint(f"{args.checkpoint}: {e}") from None
     in_channels = MODALITY_CHANNELS[modality]
     num_classes = args.num_classes or checkpoint_num_classes(state)
     if num_classes is None:
-        raise SystemExit("--num-classes is needed: the checkpoint does not tell it")
-    network = build_model(args.model, in_channels, num_classes)
-    load_weights(network, state)
+        raise OptionError("the checkpoint does not tell the network's classes: give them", "num_classes")
+    network = train.build_network(args.model, in_channels, num_classes)
+    try:
+        load_weights(network, state)
+    except CheckpointMismatch as e:
+        raise UnusableCheckpoint(f"{args.checkpoint}: {e}") from None
+    layers = [name for name, _ in network.named_modules() if name]
+    if args.layer not in layers:
+        raise OptionError(f"{type(network).__name__} has no layer {args.layer!r}; its layers: "
+                          f"{', '.join(name for name, _ in network.named_children())}, or a dotted path into one", "layer")
+    return network, modality
+
+
+def probe(args: argparse.Namespace, device: torch.device) -> dict:
+    """Train the decoder, measure it and write ``decoder.pt`` and ``probe.json`` (only when
+    every value is finite); returns the result."""
+    if args.out.exists() and not args.out.is_dir():
+        raise OptionError(f"{args.out} is a file, not a folder", "out")
+    torch.manual_seed(args.seed)
+    network, modality = frozen_network(args)
     network.eval().requires_grad_(False).to(device)
     common = {"modalities": tuple(dict.fromkeys((modality, "flow"))), "clip_len": args.clip_len, "crop": args.crop, "seed": args.seed}
-    train = ClipDataset(args.shards, split=args.split, train=True, **common)
-    held_out = ClipDataset(args.shards, split=args.val_split, train=False, **common)
-    if not len(train) or not len(held_out):
-        raise SystemExit(f"no clips in split {args.split!r} or {args.val_split!r}")
-    bound = train.readers[0].flow_bound
+    with train.dataset_options():
+        clips = ClipDataset(args.shards, split=args.split, train=True, **common)
+        held_out = ClipDataset(args.shards, split=args.val_split, train=False, **common)
+    train.require_videos(args, split=clips, val_split=held_out)
+    bound = clips.readers[0].flow_bound
     size = args.crop // OUTPUT_STRIDE
 
     def batches(dataset, sampler):
         return DataLoader(dataset, args.batch_size, sampler=sampler, num_workers=args.num_workers)
 
     with torch.no_grad():
-        probe_input = train[0][modality][None].to(device)
+        probe_input = clips[0][modality][None].to(device)
         channels = layer_features(network, args.layer, probe_input).shape[1]
     decoder = FlowDecoder(channels, args.decoder, size).to(device)
     optimizer = torch.optim.Adam(decoder.parameters(), args.lr)
-    sampler, step, epoch = ClipSampler(train, num_replicas=1, rank=0, seed=args.seed), 0, 0
+    sampler, step, epoch = ClipSampler(clips, num_replicas=1, rank=0, seed=args.seed), 0, 0
     while step < args.max_steps:
         sampler.set_epoch(epoch)
-        for batch in batches(train, sampler):
+        for batch in batches(clips, sampler):
             with torch.no_grad():
                 features = layer_features(network, args.layer, batch[modality].to(device))
             pred = decoder(features)
@@ -159,12 +198,14 @@ def main(argv=None) -> dict:
             loss.backward()
             optimizer.step()
             step += 1
+            if not math.isfinite(loss.item()):
+                raise train.NonFinite(f"step {step}: the decoder's loss is {loss.item()}")
             print(json.dumps({"step": step, "epe_train": round(loss.item(), 4)}), file=sys.stderr)
             if step == args.max_steps:
                 break
         epoch += 1
 
-    errors, zeros, clips = [], [], 0
+    errors, zeros, count = [], [], 0
     decoder.eval()
     with torch.no_grad():
         for batch in batches(held_out, None):
@@ -173,17 +214,43 @@ def main(argv=None) -> dict:
             n = len(target)
             errors.append(end_point_error(pred, target).item() * n)
             zeros.append(end_point_error(torch.zeros_like(target), target).item() * n)
-            clips += n
-            if clips >= args.eval_clips:
+            count += n
+            if count >= args.eval_clips:
                 break
-    result = {"epe": sum(errors) / clips, "epe_zeros": sum(zeros) / clips, "clips": clips, "steps": step,
+    result = {"epe": sum(errors) / count, "epe_zeros": sum(zeros) / count, "clips": count, "steps": step,
               "layer": args.layer, "decoder": args.decoder, "feature_channels": channels, "output_size": [int(s) for s in pred.shape[2:]],
-              "units": "pixels of the clip per frame", "checkpoint": str(Path(args.checkpoint).resolve()), "model": args.model}
+              "units": "pixels of the clip per frame", "checkpoint": str(args.checkpoint.resolve()), "model": args.model}
+    if not (math.isfinite(result["epe"]) and math.isfinite(result["epe_zeros"])):
+        raise train.NonFinite(f"the held-out EPE is not finite (epe {result['epe']}, epe_zeros {result['epe_zeros']})")
     args.out.mkdir(parents=True, exist_ok=True)
     torch.save(decoder.state_dict(), args.out / "decoder.pt")
-    (args.out / "probe.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    (args.out / "probe.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
     return result
+
+
+def main(argv=None) -> dict:
+    """Run the probe; bad usage exits with status 2, an unusable checkpoint with 1, a loss or EPE
+    that is not finite with 3, each with one line on stderr."""
+    parser = argument_parser()
+    args = parser.parse_args(argv)
+    try:
+        device = torch.device(resolve_device(args.device))
+    except ValueError as e:  # named by resolve_device's message
+        parser.exit(train.EXIT_USAGE, f"{parser.prog}: error: {e}\n")
+    try:
+        result = probe(args, device)
+    except OptionError as e:
+        status, message = train.EXIT_USAGE, train.usage_message(parser, e)
+    except UnusableCheckpoint as e:
+        status, message = EXIT_CHECKPOINT, f"{parser.prog}: error: {e}\n"
+    except train.NonFinite as e:
+        status, message = train.EXIT_NON_FINITE, f"{parser.prog}: error: {e}: nothing written\n"
+    else:
+        print(json.dumps(result))
+        return result
+    # Exit outside the except clauses: the failed probe's frames, and with them its DataLoaders and
+    # their worker processes, are released here, before the interpreter shuts down.
+    parser.exit(status, message)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,8 @@ from torch import Tensor, nn
 
 from flowprep import train
 from flowprep.dataset import ClipDataset
-from flowprep.networks import OutputTaps, build_model
+from flowprep.errors import OptionError
+from flowprep.networks import OutputTaps
 
 
 class Student(nn.Module):
@@ -91,15 +92,24 @@ def assert_no_flow_read(*datasets: ClipDataset | None) -> None:
 
 def build_job(args: argparse.Namespace, dist: train.Dist) -> train.Job:
     output = args.distill_output
-    train_set, val_set = train.make_datasets(args, ("rgb",), teacher=args.teacher, teacher_outputs=(output,))
+    try:
+        train_set, val_set = train.make_datasets(args, ("rgb",), teacher=args.teacher, teacher_outputs=(output,))
+    except OptionError as e:
+        if e.option != "teacher_outputs":
+            raise
+        raise OptionError(str(e), "distill_output") from None
     classes = train.num_classes(train_set)
     teacher_dim = train_set.targets[0].outputs[output]
     if output == "logits" and teacher_dim != classes:
-        raise ValueError(f"teacher {args.teacher!r} has {teacher_dim} classes, the shards {classes}")
-    network = build_model(args.model, 3, classes)
+        raise OptionError(f"teacher {args.teacher!r} has {teacher_dim} classes, the shards {classes}", "teacher")
+    network = train.build_network(args.model, 3, classes)
     projection = None
     if args.distill_weight and output != "logits":
-        projection = nn.Linear(pooled_width(network, output, args.clip_len, args.crop), teacher_dim)
+        try:
+            width = pooled_width(network, output, args.clip_len, args.crop)
+        except ValueError as e:  # an output the student network does not have (OutputTaps)
+            raise OptionError(f"the student: {e}", "distill_output") from None
+        projection = nn.Linear(width, teacher_dim)
     student = Student(network, output if args.distill_weight else None, projection)
     modules = {"model": network, **({"projection": projection} if projection is not None else {})}
     return train.Job(
@@ -114,7 +124,7 @@ def build_job(args: argparse.Namespace, dist: train.Dist) -> train.Job:
 def main(argv=None) -> train.RunResult:
     parser = train.argument_parser(__doc__)
     parser.add_argument("--teacher", required=True, help="the stored targets' name (flowprep teacher --name)")
-    parser.add_argument("--distill-weight", type=float, default=1.0, help="λ (0: cross-entropy alone)")
+    parser.add_argument("--distill-weight", type=train.number(float, 0), default=1.0, help="λ (0: cross-entropy alone)")
     parser.add_argument("--distill-output", default="logits",
                         help="the stored output to distil: logits, embedding or a layer such as Mixed_4f (through a projection)")
     return train.launch(parser, argv, build_job)

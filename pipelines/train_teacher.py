@@ -23,12 +23,13 @@ import argparse
 from torch import nn
 
 from flowprep import train
-from flowprep.networks import build_model, sequence_logits
+from flowprep.networks import sequence_logits
 
 
 def flow_step(net: nn.Module, batch: dict) -> train.StepOutput:
-    """Cross-entropy of the clip logits of ``flow`` ``[B, 2, T, H, W]`` float32 in [-1, 1]; the
-    loss is its one term, logged as ``ce`` (there is no ``distill`` term, and none is logged)."""
+    """Cross-entropy of the clip logits of ``flow`` ``[B, 2, T, H, W]`` float32 in [-1, 1] (uint8
+    or float16 shards alike); the loss is its one term, logged as ``ce`` (there is no ``distill``
+    term, and none is logged)."""
     logits = sequence_logits(net(batch["flow"]))
     ce = train.cross_entropy(logits, batch["label"])
     return train.StepOutput(loss=ce, terms={"ce": ce}, logits=logits)
@@ -37,7 +38,7 @@ def flow_step(net: nn.Module, batch: dict) -> train.StepOutput:
 def build_job(args: argparse.Namespace, dist: train.Dist) -> train.Job:
     train_set, val_set = train.make_datasets(args, ("flow",))
     classes = train.num_classes(train_set)
-    network = build_model(args.model, 2, classes)
+    network = train.build_network(args.model, 2, classes)
     return train.Job(train_set, val_set, trainable=network, modules={"model": network}, step=flow_step,
                      num_classes=classes, start={"reads": list(train_set.modalities)})
 

@@ -95,6 +95,14 @@ def test_flip_mirrors_rgb_and_negates_flow_x(shards):
         assert a["flow"][0][centre].mean() > 0.02 and b["flow"][0][centre].mean() < -0.02
 
 
+def test_items_out_of_range_are_index_errors(shards):
+    ds = dataset(shards, train=False, num_clips=2)
+    for key, index in ((-1, -1), (8, 8), ((8, 0), 8)):  # (index, epoch) as ClipSampler passes it
+        with pytest.raises(IndexError, match=rf"item {index} is out of range: this ClipDataset has 8 items"):
+            ds[key]
+    assert [item["start"] for item in ds] == [ds[i]["start"] for i in range(8)]  # iteration ends at the last item
+
+
 def test_crops_cut_rgb_and_flow_at_the_same_place(shards):
     ds = dataset(shards, flip=False)
     reader = ShardReader(shards)

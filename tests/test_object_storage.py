@@ -30,6 +30,7 @@ from flowprep.storage import storage
 
 from conftest import kill_cli_when, textured_image, write_video
 
+PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 BUCKET = "flowprep-test"
 # One video per shard (so a resume has shards to keep and shards to redo) of 4 record batches.
 ARGS = ["--short-side", "64", "--max-frames", "8", "--chunk-frames", "2", "--shard-size", "1", "--flow", "opencv",
@@ -299,3 +300,26 @@ def test_info_on_s3_summarises_its_teachers(s3, src, tmp_path):
     assert status == 0 and f"teacher: tiny: test_train:tiny, {VIDEOS} videos (0 failed)" in output
     targets = ClipDataset(out, ("rgb",), clip_len=4, crop=48, teacher="tiny")  # served from S3 too
     assert len(targets) == VIDEOS and targets[0]["teacher_logits"].shape == (2,)
+
+
+def test_the_flow_teacher_trains_on_shards_on_s3(s3, tmp_path):
+    """train_teacher.py --shards s3://... reads the shards there (the URI is passed on as it is,
+    not made a local path) and trains as on a local copy of the same extraction."""
+    sys.path.insert(0, str(PIPELINES))
+    import train_teacher
+
+    src = tmp_path / "src"
+    image = textured_image(64, 96)
+    for label, speed in (("left", 1), ("right", -1)):
+        write_video(src / "train" / label / f"pan_{label}.mp4", [np.roll(image, speed * i, axis=1) for i in range(10)])
+    uri, local = f"{s3}/runs/train", tmp_path / "local"
+    for out in (uri, local):
+        status, output = flowprep("extract", "--src", src, "--out", out, *ARGS)
+        assert status == 0, output
+    options = ["--model", "test_train:tiny", "--epochs", "1", "--batch-size", "2", "--clip-len", "4", "--crop", "32",
+               "--lr", "0.01", "--num-workers", "0", "--device", "cpu"]
+    on_s3 = train_teacher.main(["--shards", uri, "--out", str(tmp_path / "run-s3"), *options])
+    reference = train_teacher.main(["--shards", str(local), "--out", str(tmp_path / "run-local"), *options])
+    start = json.loads((tmp_path / "run-s3" / "log.jsonl").read_text().splitlines()[0])
+    assert start["args"]["shards"] == [uri]
+    assert on_s3.end["step"] == reference.end["step"] == 1 and on_s3.end["loss"] == reference.end["loss"]

@@ -6,21 +6,32 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from flowprep import ClipDataset
+from flowprep.extract import extract
 from flowprep.networks import build_model, load_state, load_weights, sequence_logits
+from flowprep.pipeline import ExtractConfig
 from flowprep.provenance import file_sha256
+from flowprep.teacher.model import TeacherConfig
+from flowprep.teacher.run import compute_targets
 from flowprep.teacher.targets import TeacherTargets
+from flowprep.teacher.views import ViewGrid
+from flowprep.train import to_device
+
+from conftest import textured_image, write_video
 
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 sys.path.insert(0, str(PIPELINES))
@@ -49,12 +60,36 @@ def tiny(in_channels: int, num_classes: int) -> Tiny:
     return Tiny(in_channels, num_classes)
 
 
+class Poisoned(Tiny):
+    """Tiny with a buffer that holds NaN and takes no part in the forward: the loss stays finite,
+    the weights do not (as BatchNorm statistics that overflowed)."""
+
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__(in_channels, num_classes)
+        self.register_buffer("scale", torch.tensor(float("nan")))
+
+
+def poisoned(in_channels: int, num_classes: int) -> Poisoned:
+    return Poisoned(in_channels, num_classes)
+
+
 def argv(*args) -> list[str]:
     return [str(a) for a in args]
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    """The lines of a log, strict JSON: a bare NaN or Infinity fails the test."""
+    def refuse(constant):
+        raise AssertionError(f"{path} holds {constant}, which is not JSON")
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
+def stopped(capsys, main, *args) -> tuple[int, str]:
+    """Run a script's ``main`` that must stop: its exit status and what it wrote to stderr."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main(argv(*args))
+    return stop.value.code, capsys.readouterr().err
 
 
 def assert_same_tensors(a, b, where="checkpoint"):
@@ -257,3 +292,165 @@ def test_the_training_side_loads_neither_ray_nor_pyav():
     code = "import sys, flowprep.train, flowprep.dataset, flowprep.networks; print(sorted({'ray', 'av'} & set(sys.modules)))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == "[]"
+
+
+def student(shards, out, *extra) -> list:
+    """train_d3d.py's arguments for the tiny student on teacher 'flow' (later options win)."""
+    return ["--shards", shards, "--teacher", "flow", "--out", out, "--model", "test_train:tiny", *SMALL, "--epochs", 2, *extra]
+
+
+def flow_teacher(shards, out, *extra) -> list:
+    return ["--shards", shards, "--out", out, "--model", "test_train:tiny", *SMALL, "--epochs", 1, *extra]
+
+
+@pytest.mark.parametrize("script, option, value", [
+    ("teacher", "--lr", "nan"), ("teacher", "--lr", "inf"), ("teacher", "--lr", "-1"), ("teacher", "--lr", "0"),
+    ("teacher", "--weight-decay", "nan"), ("teacher", "--num-workers", "-1"), ("teacher", "--seed", "-1"),
+    ("teacher", "--epochs", "0"), ("d3d", "--distill-weight", "nan"), ("d3d", "--distill-weight", "-5")])
+def test_numeric_options_are_checked_before_anything_runs(targets, tmp_path, capsys, script, option, value):
+    shards, _ = targets
+    out = tmp_path / "run"
+    main, args = (train_teacher.main, flow_teacher(shards, out)) if script == "teacher" else (train_d3d.main, student(shards, out))
+    status, err = stopped(capsys, main, *args, option, value)
+    assert status == 2 and f"argument {option}: {value!r} is not " in err.splitlines()[-1]
+    assert not out.exists()
+
+
+def poison_targets(shards: Path, output: str = "logits") -> None:
+    """Replace every stored ``output`` of teacher 'flow' with NaN (each target shard rewritten whole)."""
+    for path in sorted((shards / "teachers" / "flow" / "shards").glob("*.arrow")):
+        table = pa.ipc.open_file(path).read_all()
+        column = table.schema.get_field_index(output)
+        dim = table.schema.field(column).type.list_size
+        nan = pa.FixedSizeListArray.from_arrays(pa.array(np.full(table.num_rows * dim, np.nan, np.float16)), dim)
+        partial = path.with_suffix(".rewrite")
+        with pa.ipc.new_file(partial, table.schema) as writer:
+            writer.write_table(table.set_column(column, table.schema.field(column), nan))
+        partial.replace(path)
+
+
+def test_nan_targets_stop_the_student_and_the_last_good_checkpoint_stays(targets, tmp_path, capsys):
+    shards = tmp_path / "shards"
+    shutil.copytree(targets[0], shards)
+    run = tmp_path / "run"
+    train_d3d.main(argv(*student(shards, run, "--max-steps", 1)))
+    good = (run / "checkpoint.pt").read_bytes()
+
+    poison_targets(shards)
+    status, err = stopped(capsys, train_d3d.main, *student(shards, run, "--max-steps", 3))
+    assert status == 3
+    assert re.fullmatch(r".*: error: step 2: the loss is not finite \(loss nan, ce [0-9.]+, distill nan\): the run stops; "
+                        rf"{re.escape(str(run / 'checkpoint.pt'))} keeps step 1\n", err), err
+    assert (run / "checkpoint.pt").read_bytes() == good
+    log = read_jsonl(run / "log.jsonl")
+    assert [e["event"] for e in log] == ["start", "end", "start", "stop"] and log[-1]["checkpoint_step"] == 1
+
+    fresh = tmp_path / "fresh"
+    status, err = stopped(capsys, train_d3d.main, *student(shards, fresh))
+    assert status == 3 and err.endswith("the run stops; no checkpoint was saved\n")
+    assert sorted(p.name for p in fresh.iterdir()) == ["log.jsonl"]
+    assert [e["event"] for e in read_jsonl(fresh / "log.jsonl")] == ["start", "stop"]
+
+
+def test_weights_that_are_not_finite_are_never_saved(targets, tmp_path, capsys):
+    shards, _ = targets
+    run = tmp_path / "run"
+    status, err = stopped(capsys, train_teacher.main, *flow_teacher(shards, run, "--model", "test_train:poisoned"))
+    assert status == 3 and "step 2: the weights are not finite (model.scale): the run stops; no checkpoint was saved" in err
+    assert not (run / "checkpoint.pt").exists()
+    assert read_jsonl(run / "log.jsonl")[-1]["event"] == "stop"
+
+
+@pytest.fixture(scope="module")
+def three_class_teacher(targets, tmp_path_factory) -> Path:
+    """A copy of the shards (2 classes) with the logits of a 3-class teacher stored as 'flow'."""
+    shards = tmp_path_factory.mktemp("three") / "shards"
+    shutil.copytree(targets[0], shards, ignore=shutil.ignore_patterns("teachers"))
+    config = TeacherConfig("test_train:tiny", None, ViewGrid(clip_len=8, crop=112, window_stride=8), ("logits",),
+                           num_classes=3, batch_size=5, device="cpu")
+    assert compute_targets(shards, "flow", config, workers=0, progress=False).written == 5
+    return shards
+
+
+def write_file(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def foreign_checkpoint(out: Path) -> None:
+    out.mkdir()
+    torch.save({"weight": torch.zeros(2)}, out / "checkpoint.pt")
+
+
+USAGE = {  # case: (extra arguments, what to put at --out first, what the one line says)
+    "no such teacher": (["--teacher", "nosuch"], None, "argument --teacher: .* has no teacher 'nosuch'"),
+    "teacher's clip length": (["--clip-len", 16], None, "argument --clip-len: teacher 'flow' stored clip_len 8"),
+    "teacher's frame stride": (["--frame-stride", 2], None, "argument --frame-stride: teacher 'flow' stored .*frame_stride 1"),
+    "output not stored": (["--distill-output", "Mixed_5c"], None,
+                          r"argument --distill-output: teacher 'flow' stored \['Mixed_4f', 'logits'\], not"),
+    "split without videos": (["--split", "test"], None, "argument --split: no videos of split 'test'"),
+    "unknown device": (["--device", "foo"], None, "--device foo: not a device"),
+    "unknown model": (["--model", "nosuch"], None, "argument --model: unknown model 'nosuch'"),
+    "out is a file": ([], lambda out: write_file(out, b"notes"), "argument --out: .* is a file, not a run folder"),
+    "empty checkpoint": ([], lambda out: write_file(out / "checkpoint.pt", b""),
+                         r"argument --out: .*checkpoint.pt: torch.load cannot read it \(EOFError\)"),
+    "foreign checkpoint": ([], foreign_checkpoint, "argument --out: .*checkpoint.pt lacks args, epoch"),
+}
+
+
+@pytest.mark.parametrize("case", [*USAGE, "teacher of other classes"])
+def test_bad_usage_is_one_line_with_status_2_and_touches_nothing(targets, three_class_teacher, tmp_path, capsys, case):
+    shards = targets[0]
+    if case == "teacher of other classes":
+        shards, extra, prepare = three_class_teacher, [], None
+        expected = "argument --teacher: teacher 'flow' has 3 classes, the shards 2"
+    else:
+        extra, prepare, expected = USAGE[case]
+    out = tmp_path / "run"
+    if prepare:
+        prepare(out)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    status, err = stopped(capsys, train_d3d.main, *student(shards, out, *extra))
+    assert status == 2 and re.fullmatch(rf"\S+: error: {expected}.*\n", err), err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before and out.exists() == bool(prepare)
+
+
+def test_a_new_run_deletes_no_earlier_log(targets, tmp_path, capsys):
+    shards, _ = targets
+    run = tmp_path / "run"
+    train_teacher.main(argv(*flow_teacher(shards, run)))
+    (run / "checkpoint.pt").unlink()  # a finished run whose checkpoint was moved away: its log is all that is left
+    log = (run / "log.jsonl").read_text()
+    status, err = stopped(capsys, train_teacher.main, *flow_teacher(shards, run))
+    assert status == 2 and f"argument --out: {run} holds log.jsonl but no checkpoint.pt" in err
+    assert (run / "log.jsonl").read_text() == log
+
+    # What a start that never reached its first checkpoint leaves (its start line) is no run: a new one goes on after it.
+    (run / "log.jsonl").write_text(log.splitlines(keepends=True)[0])
+    train_teacher.main(argv(*flow_teacher(shards, run)))
+    assert [e["event"] for e in read_jsonl(run / "log.jsonl")] == ["start", "start", "epoch", "end"]
+
+
+@pytest.fixture(scope="module")
+def float16_shards(tmp_path_factory) -> Path:
+    """Two panning videos extracted with float16 flow (extract --flow-dtype float16)."""
+    root = tmp_path_factory.mktemp("float16")
+    image = textured_image(64, 96)
+    for label, speed in (("left", 1), ("right", -1)):
+        write_video(root / "src" / "train" / label / f"pan_{label}.mp4", [np.roll(image, speed * i, axis=1) for i in range(10)])
+    config = ExtractConfig(short_side=64, chunk_frames=4, flow_dtype="float16")
+    assert extract(root / "src", root / "shards", config, workers=0, progress=False).written == 2
+    return root / "shards"
+
+
+def test_the_flow_teacher_trains_on_float16_flow_shards(float16_shards, tmp_path):
+    raw = ClipDataset(float16_shards, ("flow",), clip_len=4, crop=32, train=False, normalize=False)[0]["flow"]
+    assert raw.dtype == torch.float32 and raw.abs().max() > 0
+    assert torch.equal(raw, ClipDataset(float16_shards, ("flow",), clip_len=4, crop=32, train=False)[0]["flow"])
+    assert torch.equal(to_device({"flow": raw}, torch.device("cpu"))["flow"], raw)  # already in [-1, 1]
+
+    run = tmp_path / "run"
+    result = train_teacher.main(argv("--shards", float16_shards, "--out", run, "--model", "test_train:tiny", "--epochs", 1,
+                                     "--batch-size", 2, "--clip-len", 4, "--crop", 32, "--lr", 0.01, "--num-workers", 0, "--device", "cpu"))
+    assert result.end["step"] == 1 and math.isfinite(result.end["loss"]) and result.job.train_set.readers[0].flow_dtype == np.float16
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 1

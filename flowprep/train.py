@@ -108,6 +108,10 @@ def number(kind: type, minimum: float, *, above: bool = False, maximum: float | 
     return parse
 
 
+# The counts (steps, clips, crops, frames): whole numbers from 1.
+positive_int = number(int, 1)
+
+
 def option_flag(option: str) -> str:
     """An :class:`OptionError`'s option (``clip_len``) as the command line spells it (``--clip-len``)."""
     return "--" + option.replace("_", "-")
@@ -168,13 +172,12 @@ def argument_parser(description: str) -> argparse.ArgumentParser:
     add("--shards", nargs="+", required=True, help="output folders of flowprep extract")
     add("--out", required=True, help="run folder: checkpoint.pt, log.jsonl; rerunning the command resumes")
     add("--model", required=True, help="s3dg, i3d or package.module:factory (called with in_channels=, num_classes=)")
-    positive = number(int, 1)
-    add("--epochs", type=positive, required=True, help="the schedule's length")
-    add("--max-steps", type=positive, help="stop after this many steps in all (the schedule still spans --epochs)")
-    add("--batch-size", type=positive, required=True, help="clips per step and process")
-    add("--clip-len", type=positive, required=True, help="frames per clip (>= 8 for i3d, s3dg)")
-    add("--frame-stride", type=positive, default=1, help="step between clip frames")
-    add("--crop", type=positive, required=True, help="side of the square crop (>= 112 for i3d, s3dg)")
+    add("--epochs", type=positive_int, required=True, help="the schedule's length")
+    add("--max-steps", type=positive_int, help="stop after this many steps in all (the schedule still spans --epochs)")
+    add("--batch-size", type=positive_int, required=True, help="clips per step and process")
+    add("--clip-len", type=positive_int, required=True, help="frames per clip (>= 8 for i3d, s3dg)")
+    add("--frame-stride", type=positive_int, default=1, help="step between clip frames")
+    add("--crop", type=positive_int, required=True, help="side of the square crop (>= 112 for i3d, s3dg)")
     add("--lr", type=number(float, 0, above=True), required=True, help="peak learning rate (per step, whatever the number of processes)")
     add("--optimizer", choices=("sgd", "adamw"), default="sgd", help="SGD with momentum 0.9, or AdamW")
     add("--weight-decay", type=number(float, 0), default=1e-4)
@@ -183,7 +186,7 @@ def argument_parser(description: str) -> argparse.ArgumentParser:
     add("--num-workers", type=number(int, 0), default=4, help="DataLoader workers per process")
     add("--split", default="train", help="the videos to train on")
     add("--val-split", help="validate on these videos after every epoch (default: no validation)")
-    add("--val-clips", type=positive, default=1, help="clips per validation video, logits averaged (1: the centre clip)")
+    add("--val-clips", type=positive_int, default=1, help="clips per validation video, logits averaged (1: the centre clip)")
     add("--record-items", action="store_true", help="each rank appends the items of every step to RUN_DIR/items-rank{r}.jsonl")
     add("--progress", action=argparse.BooleanOptionalAction, help="progress bar (default: when stderr is a terminal)")
     add("--log-every", type=positive_int, help="a step line in log.jsonl every N steps (default: none)")

@@ -18,6 +18,7 @@ import csv
 from pathlib import Path
 
 from flowprep.evaluate import per_class_gains, read_eval
+from flowprep.process import run_and_exit
 from flowprep.train import positive_int
 
 COLUMNS = ("label", "videos", "accuracy_a", "accuracy_b", "delta")
@@ -81,4 +82,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)

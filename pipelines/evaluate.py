@@ -34,6 +34,7 @@ from flowprep.dataset import ClipDataset
 from flowprep.devices import resolve_device
 from flowprep.evaluate import PREDICTIONS, SUMMARY, Predictions, fuse, label_names, read_eval, video_logits, write_eval
 from flowprep.networks import MODALITY_CHANNELS, build_model, checkpoint_modality, load_state, load_weights
+from flowprep.process import run_and_exit
 from flowprep.provenance import file_sha256, versions
 from flowprep.train import positive_int
 
@@ -143,4 +144,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)

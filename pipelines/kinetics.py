@@ -25,6 +25,7 @@ from pathlib import Path
 import click
 
 from flowprep.cli import main as flowprep_main
+from flowprep.process import run_and_exit
 from flowprep.sources import build_label_map, read_annotations
 
 DEFAULT_SPLITS = ("train", "val", "test")
@@ -69,4 +70,4 @@ def run(root: Path, out: Path, splits: str | None, ray_address: str, extract_arg
 
 
 if __name__ == "__main__":
-    run()
+    run_and_exit(run)

@@ -38,6 +38,7 @@ from flowprep import train
 from flowprep.dataset import ClipDataset
 from flowprep.errors import OptionError
 from flowprep.networks import OutputTaps
+from flowprep.process import run_and_exit
 
 
 class Student(nn.Module):
@@ -131,4 +132,4 @@ def main(argv=None) -> train.RunResult:
 
 
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)

@@ -24,6 +24,7 @@ from torch import nn
 
 from flowprep import train
 from flowprep.networks import sequence_logits
+from flowprep.process import run_and_exit
 
 
 def flow_step(net: nn.Module, batch: dict) -> train.StepOutput:
@@ -48,4 +49,4 @@ def main(argv=None) -> train.RunResult:
 
 
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)

@@ -78,7 +78,7 @@ def probe_args(shards, checkpoint, out, *extra) -> list[str]:
     pytest.param("rgb", ["--crop", "128"], 2, "argument --crop: .*: pan_a is 112x150, smaller than crop 128", id="crop over the frames"),
     pytest.param("rgb", ["--val-split", "test"], 2, "argument --val-split: no videos of split 'test'", id="split without videos"),
     pytest.param("rgb", ["--model", "i3d"], 1, ".*rgb.pt: checkpoint does not fit InceptionI3d", id="another network"),
-    pytest.param("notes", [], 1, r".*notes.pt: torch.load cannot read it \(\w+\)", id="not a checkpoint"),
+    pytest.param("notes", [], 1, r".*notes.pt is not a PyTorch checkpoint flowprep can load: \w+: .*", id="not a checkpoint"),
 ])
 def test_probe_errors_are_one_line_with_their_status(small_shards, checkpoints, tmp_path, capsys, checkpoint, extra, status, expected):
     out = tmp_path / "probe"

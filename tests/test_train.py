@@ -368,7 +368,13 @@ def three_class_teacher(targets, tmp_path_factory) -> Path:
     shutil.copytree(targets[0], shards, ignore=shutil.ignore_patterns("teachers"))
     config = TeacherConfig("test_train:tiny", None, ViewGrid(clip_len=8, crop=112, window_stride=8), ("logits",),
                            num_classes=3, batch_size=5, device="cpu")
+    # flowprep teacher refuses a teacher of other classes than the shards': made over a 3-class
+    # label map, then the shards' own put back.
+    dataset = shards / "dataset.json"
+    own = dataset.read_text()
+    dataset.write_text(json.dumps({**json.loads(own), "label_map": {"a": 0, "b": 1, "c": 2}}))
     assert compute_targets(shards, "flow", config, workers=0, progress=False).written == 5
+    dataset.write_text(own)
     return shards
 
 

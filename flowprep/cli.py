@@ -150,9 +150,10 @@ def extract_options(f):
 
 @main.command("extract")
 @extract_options
+@click.option("--dry-run", is_flag=True, help="Write nothing (not even --out) and take no lock: find and plan the videos as the run would, time a short calibration here with the chosen backend and workers, and print the videos, shards, bytes and wall time the run would take (only what is left to do in an existing --out); the last line is JSON.")
 def extract_command(src, out, annotations, trim, labels_file, limit, fps, short_side, max_frames, flow_backend, flow_params,
                     flow_bound, flow_dtype, rgb_codec, flow_codec, fmt, shard_size, chunk_frames, fail_corrupt, workers, decoders,
-                    writers, gpu_share, ray_address, overwrite, retry_failed, allow_failures, progress):
+                    writers, gpu_share, ray_address, overwrite, retry_failed, allow_failures, progress, dry_run):
     """Decode, compute TV-L1 flow and write RGB + flow shards for every video under --src
     (RGB-only shards with --flow none).
 
@@ -175,9 +176,15 @@ def extract_command(src, out, annotations, trim, labels_file, limit, fps, short_
     except OptionError as e:
         raise bad_usage(e) from None
     check_allow_failures(allow_failures)
+    options = dict(annotations=annotations, labels_file=labels_file, limit=limit, overwrite=overwrite, retry_failed=retry_failed,
+                   workers=workers, decoders=decoders, writers=writers, ray_address=ray_address, gpu_share=gpu_share)
     try:
-        report = extract(src, out, config, annotations=annotations, labels_file=labels_file, limit=limit, overwrite=overwrite,
-                         retry_failed=retry_failed, workers=workers, decoders=decoders, writers=writers, ray_address=ray_address, gpu_share=gpu_share, progress=progress)
+        if dry_run:
+            from flowprep.estimate import estimate_run
+
+            print_estimate(estimate_run(src, out, config, **options))
+            return
+        report = extract(src, out, config, progress=progress, **options)
     except OptionError as e:  # the source or the flow parameters, found wrong before anything is written
         raise bad_usage(e) from None
     except (OutputMismatch, OutputRefused, OutputLocked, ValueError, FileNotFoundError) as e:
@@ -205,6 +212,47 @@ def exit_for_failures(failed: int, videos: int, rule: str) -> None:
     if failed > allowed:
         click.echo(f"{failed} videos failed, more than --allow-failures {rule} permits ({allowed})", err=True)
         sys.exit(EXIT_FAILURES)
+
+
+def human_seconds(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def print_estimate(estimate) -> None:
+    """``extract --dry-run``'s report (:class:`~flowprep.estimate.Estimate`); the last line is JSON."""
+    e, shape, cal = estimate, estimate.shape, estimate.calibration
+    click.echo(f"dry run: nothing written to {e.out} ({e.output} output)")
+    click.echo(f"videos:  {e.videos} found, {e.missing} missing, {len(e.unreadable)} unreadable; {e.done} already done, "
+               f"{e.to_do} to do in {e.shards} shards ({e.shards_done} complete)")
+    for video_id, reason in list(e.unreadable.items())[:5]:
+        click.echo(f"         unreadable: {video_id}: {reason}")
+    click.echo(f"frames:  {e.frames} frames, {e.flow_pairs} flow pairs (from the container headers)")
+    rates = cal.to_dict()
+    per_pixel = ", ".join(f"{name} {rates[f'{name}_bytes_per_pixel']:.3f}" for name in ("rgb", "flow")
+                          if rates[f"{name}_bytes_per_pixel"] is not None)
+    click.echo(f"bytes:   {human_bytes(e.estimated_bytes)} (RGB {human_bytes(e.rgb_bytes)}, flow {human_bytes(e.flow_bytes)}; "
+               f"calibrated bytes a pixel: {per_pixel or 'none'}; the shard plan's table says {human_bytes(e.plan_bytes)})")
+    if shape.on_gpu:
+        spread = f"{shape.flow_workers} flow workers on {shape.gpus} GPUs beside {shape.decoders} decoders"
+    elif shape.mode == "ray":
+        spread = f"{shape.flow_workers} flow workers and {shape.decoders} decoders on {shape.cores} cores"
+    else:
+        spread = "one process"
+    click.echo(f"time:    {human_seconds(e.estimated_seconds)}: decode {human_seconds(e.decode_seconds)} + flow "
+               f"{human_seconds(e.flow_seconds)} of work, over {spread}, plus {e.planning_seconds:.1f} s of planning")
+    click.echo(f"workers: {shape.counted}")
+    click.echo(f"calibration: {cal.pairs} pairs, {cal.frames} frames of {len(cal.videos)} videos ({', '.join(cal.videos) or 'none'}) "
+               f"in {cal.seconds:.1f} s, {e.flow} on {e.device or 'no flow'}"
+               + (f"; failed: {', '.join(f'{v} ({r})' for v, r in cal.failed.items())}" if cal.failed else ""))
+    for note in e.notes:
+        click.echo(f"note:    {note}")
+    click.echo(json.dumps(e.to_dict(), sort_keys=True))
 
 
 def print_summary(report: ExtractReport, out: str | Path) -> None:

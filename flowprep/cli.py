@@ -473,6 +473,45 @@ def export(out, dest, layout, quality):
 
 
 @main.command()
+@click.option("--flow", default="auto", show_default=True, type=click.Choice(["auto", *sorted(BACKENDS)]), help="Backend to measure: auto is the one extract picks here (torch on a GPU, then opencv-cuda, then opencv).")
+@click.option("--size", default="340x256", show_default=True, help="WIDTHxHEIGHT of the frame pairs (the sample clips scaled to cover it, centre-cropped).")
+@click.option("--pairs", default=8, show_default=True, type=click.IntRange(min=1), help="Frame pairs per timed run (fidelity: the first 32).")
+@click.option("--batch", type=click.IntRange(min=1), help="torch: pairs solved at once (default: all, as far as GPU memory allows).")
+@click.option("--device", help="cpu, cuda or cuda:N (default: a GPU when torch sees one; opencv runs on the CPU).")
+@click.option("--repeat", default=3, show_default=True, type=click.IntRange(min=1), help="Timed runs; pairs/s is their median.")
+def bench(flow, size, pairs, batch, device, repeat):
+    """Measure a flow backend here on real frame pairs of the sample clips: pairs/s, peak GPU
+    memory per pair, and end-point error against OpenCV's CPU TV-L1 with the same parameters.
+
+    opencv runs one single-threaded solver per core (as extract's flow workers); torch on CUDA
+    runs eagerly and compiled (torch.compile, what extract uses there), each after an untimed
+    run. The last line is JSON. Exit status 0, 2 on bad usage (a backend or device this machine
+    does not have included).
+    """
+    from flowprep.bench import CLIPS, FIDELITY_PAIRS, NOISE_GRAY_LEVELS, bench_flow, parse_frame_size
+
+    try:
+        result = bench_flow(flow, parse_frame_size(size), pairs, batch, device, repeat)
+    except OptionError as e:
+        raise bad_usage(e) from None
+    summary = result.to_dict()
+    click.echo(f"flow:     {result.flow} on {result.device}, {summary['size']}, {result.pairs} pairs ({result.distinct_pairs} "
+               f"distinct) of {', '.join(CLIPS)}, {repeat} timed runs, parameters {result.params}")
+    per = f"with {result.processes} single-thread processes" if result.processes else "per GPU" if result.device != "cpu" else "on the CPU"
+    for name, mode in result.modes.items():
+        memory = f", peak {human_bytes(mode['peak_bytes_per_pair'])} a pair" if mode["peak_bytes_per_pair"] is not None else ""
+        click.echo(f"speed:    {name}: {mode['pairs_per_s']:.3f} pairs/s {per} (min {mode['pairs_per_s_min']:.3f}, "
+                   f"max {mode['pairs_per_s_max']:.3f}), batch {mode['batch']}{memory}")
+    for name, mode in result.modes.items():
+        click.echo(f"fidelity: {name}: mean EPE {mode['epe_vs_opencv']:.4f} px, p99 {mode['epe_p99_vs_opencv']:.4f} px against "
+                   f"{result.reference}, on {min(pairs, FIDELITY_PAIRS)} pairs")
+    floor = result.noise_floor
+    click.echo(f"noise:    OpenCV against itself with {NOISE_GRAY_LEVELS} gray levels of noise: mean EPE "
+               f"{floor['mean_epe_px']:.4f} px, p99 {floor['p99_epe_px']:.4f} px (docs/flow.md)")
+    click.echo(json.dumps(summary, sort_keys=True))
+
+
+@main.command()
 @click.option("--out", default="demo-out", show_default=True, type=click.Path(file_okay=False), help="Output folder (a previous demo's output is replaced; any other folder must be new or empty).")
 @click.option("--workers", type=click.IntRange(min=0), help="Flow workers (default: every CPU).")
 def demo(out, workers):

@@ -229,7 +229,7 @@ def print_estimate(estimate) -> None:
     e, shape, cal = estimate, estimate.shape, estimate.calibration
     click.echo(f"dry run: nothing written to {e.out} ({e.output} output)")
     click.echo(f"videos:  {e.videos} found, {e.missing} missing, {len(e.unreadable)} unreadable; {e.done} already done, "
-               f"{e.to_do} to do in {e.shards} shards ({e.shards_done} complete)")
+               f"{e.to_do} to do in {e.shards} shard(s) ({e.shards_done} complete)")
     for video_id, reason in list(e.unreadable.items())[:5]:
         click.echo(f"         unreadable: {video_id}: {reason}")
     click.echo(f"frames:  {e.frames} frames, {e.flow_pairs} flow pairs (from the container headers)")
@@ -239,16 +239,16 @@ def print_estimate(estimate) -> None:
     click.echo(f"bytes:   {human_bytes(e.estimated_bytes)} (RGB {human_bytes(e.rgb_bytes)}, flow {human_bytes(e.flow_bytes)}; "
                f"calibrated bytes a pixel: {per_pixel or 'none'}; the shard plan's table says {human_bytes(e.plan_bytes)})")
     if shape.on_gpu:
-        spread = f"{shape.flow_workers} flow workers on {shape.gpus} GPUs beside {shape.decoders} decoders"
+        spread = f"{shape.flow_workers} flow worker(s) on {shape.gpus} GPU(s) beside {shape.decoders} decoder(s)"
     elif shape.mode == "ray":
-        spread = f"{shape.flow_workers} flow workers and {shape.decoders} decoders on {shape.cores} cores"
+        spread = f"{shape.flow_workers} flow worker(s) and {shape.decoders} decoder(s) on {shape.cores} cores"
     else:
         spread = "one process"
     click.echo(f"time:    {human_seconds(e.estimated_seconds)}: decode {human_seconds(e.decode_seconds)} + flow "
                f"{human_seconds(e.flow_seconds)} of work, over {spread}, plus {e.planning_seconds:.1f} s of planning")
     click.echo(f"workers: {shape.counted}")
-    click.echo(f"calibration: {cal.pairs} pairs, {cal.frames} frames of {len(cal.videos)} videos ({', '.join(cal.videos) or 'none'}) "
-               f"in {cal.seconds:.1f} s, {e.flow} on {e.device or 'no flow'}"
+    click.echo(f"calibration: {cal.pairs} pairs spread over {len(cal.videos)} videos ({', '.join(cal.videos) or 'none'}) and "
+               f"{cal.decoded_frames} frames from their starts in {cal.seconds:.1f} s, {e.flow} on {e.device or 'no flow'}"
                + (f"; failed: {', '.join(f'{v} ({r})' for v, r in cal.failed.items())}" if cal.failed else ""))
     for note in e.notes:
         click.echo(f"note:    {note}")

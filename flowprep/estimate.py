@@ -38,10 +38,15 @@ from flowprep.storage import storage
 
 log = logging.getLogger(__name__)
 
-# Videos calibrated, spread over the input, and flow pairs solved of each: the same number of
-# each video, so that a long video weighs no more than a short one.
+# Videos calibrated, spread over the input, and flow pairs solved in each, spread over the video
+# (its first frames are often a fade or a title, far quicker to solve than the rest; a pair's
+# solve time varies several-fold within a video): as many in each video, so that a long video
+# weighs no more than a short one.
 CALIBRATION_VIDEOS = 3
 CALIBRATION_PAIRS = 2
+# Frames decoded from a video's start to time decoding (after a seek, the frames before it from
+# the key frame would count too).
+DECODE_FRAMES = 8
 
 
 @dataclass(frozen=True)
@@ -109,26 +114,28 @@ def calibration_videos(specs: list[VideoSpec], sizes: dict[str, VideoSize], coun
 
 @dataclass
 class Calibration:
-    """What the run's stages measured on the first ``pairs`` flow pairs of each of ``videos``.
+    """What the run's stages measured on ``videos``, as one worker of the run spends it.
 
-    ``decode_seconds``: decoding and RGB encoding; ``flow_seconds``: solving, quantizing and
-    encoding flow (on a GPU: solving, per pair, in batches of the run's size); both as one worker
-    of the run spends them. ``rgb_bytes``, ``flow_bytes``: the encoded frames. ``frame_pixels``:
-    output pixels of the frames decoded, ``source_pixels``: source pixels decoded for them (coded
-    size x output frames), ``pair_pixels``: output pixels of the pairs solved. ``failed``: videos
-    that failed (their reason), left out. ``seconds``: wall time of the calibration.
+    Decoding: ``decode_seconds`` to decode and RGB-encode ``decoded_frames`` frames from each
+    video's start, from ``source_pixels`` source pixels (coded size x output frames). Flow and
+    bytes: ``pairs`` flow pairs spread over each video (``frames`` frames), their output pixels
+    (``frame_pixels``, ``pair_pixels``), encoded bytes (``rgb_bytes``, ``flow_bytes``) and
+    ``flow_seconds`` to solve, quantize and encode them (on a GPU: to solve them, per pair, in
+    batches of the run's size). ``failed``: videos that failed (their reason), left out.
+    ``seconds``: wall time of the calibration.
     """
 
     videos: list[str] = field(default_factory=list)
+    decoded_frames: int = 0
+    decode_seconds: float = 0.0
+    source_pixels: int = 0
     frames: int = 0
     pairs: int = 0
-    decode_seconds: float = 0.0
-    flow_seconds: float = 0.0
+    frame_pixels: int = 0
+    pair_pixels: int = 0
     rgb_bytes: int = 0
     flow_bytes: int = 0
-    frame_pixels: int = 0
-    source_pixels: int = 0
-    pair_pixels: int = 0
+    flow_seconds: float = 0.0
     failed: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -139,56 +146,70 @@ class Calibration:
         self.failed.update(other.failed)
 
     def to_dict(self) -> dict:
-        return {"videos": self.videos, "failed": self.failed, "frames": self.frames, "pairs": self.pairs,
-                "seconds": round(self.seconds, 3), "decode_seconds": self.decode_seconds, "flow_seconds": self.flow_seconds,
+        return {"videos": self.videos, "failed": self.failed, "decoded_frames": self.decoded_frames, "frames": self.frames,
+                "pairs": self.pairs, "seconds": round(self.seconds, 3), "decode_seconds": self.decode_seconds,
+                "flow_seconds": self.flow_seconds,
                 "rgb_bytes_per_pixel": self.rgb_bytes / self.frame_pixels if self.frame_pixels else None,
                 "flow_bytes_per_pixel": self.flow_bytes / self.pair_pixels if self.pair_pixels else None}
 
 
-def _time_gpu_solve(backend, gray: np.ndarray, batch: int) -> float:
-    """Seconds a batched GPU ``backend`` takes per pair of ``gray`` (``[n, H, W]`` uint8, its n-1
-    pairs repeated to ``batch`` pairs: a GPU worker solves the pairs of many chunks at once). The
+def _time_gpu_solve(backend, first: np.ndarray, second: np.ndarray, batch: int) -> float:
+    """Seconds a batched GPU ``backend`` takes per pair of ``first`` and ``second`` (``[n, H, W]``
+    uint8), repeated to ``batch`` pairs: a GPU worker solves the pairs of many chunks at once. The
     first run is untimed: it compiles and allocates for this batch and frame size."""
-    repeat = np.arange(batch) % (len(gray) - 1)
-    first, second = gray[:-1][repeat], gray[1:][repeat]
+    repeat = np.arange(batch) % len(first)
+    first, second = first[repeat], second[repeat]
     backend.solve(first, second)
     start = time.perf_counter()
     backend.solve(first, second)  # returns host arrays: the GPU has finished
     return (time.perf_counter() - start) / batch
 
 
+def pair_starts(spec: VideoSpec, size: VideoSize, config: ExtractConfig, count: int) -> list[float]:
+    """Where ``count`` pairs spread over the video start, in seconds into the source: the middle of
+    each of ``count`` equal parts of its frames, a few frames clear of its end (a header's
+    duration can be off by a frame or two)."""
+    last = max(size.frames - 4, 0)
+    return [(spec.start or 0.0) + min((2 * j + 1) * size.frames // (2 * count), last) / config.fps for j in range(count)]
+
+
 def calibrate_video(spec: VideoSpec, size: VideoSize, config: ExtractConfig, shape: RunShape,
                     make_backend: Callable[[], object] | None) -> Calibration:
-    """:class:`Calibration` of one video: its first ``CALIBRATION_PAIRS`` pairs through the run's
-    stages, with a backend from ``make_backend`` (``None`` for RGB only)."""
-    frames = CALIBRATION_PAIRS + 1
-    if config.max_frames is not None:
-        frames = min(frames, config.max_frames)
-    # One chunk of exactly these frames: the codecs encode frame by frame, so chunking changes no byte.
-    short = dataclasses.replace(config, max_frames=frames, chunk_frames=frames)
+    """:class:`Calibration` of one video through the run's stages: ``DECODE_FRAMES`` frames from its
+    start for decoding, ``CALIBRATION_PAIRS`` pairs spread over it for flow and bytes, with a
+    backend from ``make_backend`` (``None`` for RGB only)."""
     result = Calibration(videos=[spec.video_id])
+    from_start = dataclasses.replace(config, max_frames=min(DECODE_FRAMES, config.max_frames or DECODE_FRAMES),
+                                     chunk_frames=DECODE_FRAMES)
+    # One pair a chunk: the codecs encode frame by frame, so chunking changes no byte.
+    one_pair = dataclasses.replace(config, max_frames=2, chunk_frames=2)
     try:
         start = time.perf_counter()
-        chunks = list(decode_chunks(spec, short, shape.decoder_threads))
+        decoded = list(decode_chunks(spec, from_start, shape.decoder_threads))
         result.decode_seconds = time.perf_counter() - start
+        # Decoded after a seek (the frames from the key frame before it are not the run's work): untimed.
+        chunks = [chunk for at in pair_starts(spec, size, config, CALIBRATION_PAIRS)
+                  for chunk in decode_chunks(dataclasses.replace(spec, start=at), one_pair, shape.decoder_threads)]
         backend = make_backend() if make_backend else None
         start = time.perf_counter()
-        solved = [flow_chunk(chunk, backend, short) for chunk in chunks] if backend else chunks
+        solved = [flow_chunk(chunk, backend, one_pair) for chunk in chunks] if backend else chunks
         result.flow_seconds = time.perf_counter() - start
     except VideoError as e:
         return Calibration(failed={spec.video_id: f"{e.stage}: {e}"})
+    for chunk in decoded:
+        result.decoded_frames += len(chunk.rgb)
+        result.source_pixels += len(chunk.rgb) * size.source_pixels
     for chunk, done in zip(chunks, solved):
         pixels = chunk.height * chunk.width
-        pairs = len(done.flow)
         result.frames += len(chunk.rgb)
-        result.pairs += pairs
+        result.pairs += len(done.flow)
+        result.frame_pixels += len(chunk.rgb) * pixels
+        result.pair_pixels += len(done.flow) * pixels
         result.rgb_bytes += sum(map(len, chunk.rgb))
         result.flow_bytes += sum(map(len, done.flow))
-        result.frame_pixels += len(chunk.rgb) * pixels
-        result.source_pixels += len(chunk.rgb) * size.source_pixels
-        result.pair_pixels += pairs * pixels
     if shape.on_gpu and getattr(backend, "batched", False):  # flow_chunk solved a batch far smaller than the run's
-        result.flow_seconds = sum(_time_gpu_solve(backend, chunk.gray, shape.gpu_batch) * (len(chunk.gray) - 1) for chunk in chunks)
+        first, second = np.stack([chunk.gray[0] for chunk in chunks]), np.stack([chunk.gray[1] for chunk in chunks])
+        result.flow_seconds = _time_gpu_solve(backend, first, second, shape.gpu_batch) * len(chunks)
     return result
 
 
@@ -342,7 +363,7 @@ def estimate_run(
     estimate.plan_bytes = sum(estimate_bytes(size, config) for size in todo_sizes)
 
     cal = estimate.calibration = calibrate(todo, sizes, config, shape)
-    if cal.frames:
+    if cal.frames and cal.decoded_frames:
         usable = [size for size in todo_sizes if size.frames >= 2]
         frame_pixels = sum(size.pixels for size in usable)
         pair_pixels = sum((size.frames - 1) * size.height * size.width for size in usable) if config.has_flow else 0

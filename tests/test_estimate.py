@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
+import ray
 from click.testing import CliRunner
 
 from flowprep.cli import main
@@ -52,6 +54,12 @@ def test_dry_run_writes_nothing_and_counts_the_shards_the_run_writes(src, tmp_pa
     assert estimate["calibration"]["pairs"] > 0 and not estimate["calibration"]["failed"]
     assert estimate["workers"]["mode"] == "in-process"
     assert "unreadable: broken" in result.output
+
+    # The default, a local Ray, is counted as the run would start it, without starting it.
+    on_ray = estimate_run(src, out, CONFIG)
+    assert (on_ray.shape.mode, on_ray.shape.flow_workers, on_ray.shape.cores) == ("ray", os.cpu_count(), os.cpu_count())
+    assert not ray.is_initialized() and not out.exists()
+    assert (on_ray.shards, on_ray.frames) == (estimate["shards"], estimate["frames"])
 
     report = extract(src, out, CONFIG, workers=0, progress=False)
     assert (report.written, report.failed, report.frames) == (4, 1, estimate["frames"])

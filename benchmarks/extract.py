@@ -35,6 +35,7 @@ import cv2
 import pyarrow as pa
 
 from flowprep import ShardReader
+from flowprep.bench import opencv_flow, opencv_pool
 from flowprep.decode import SourceInfo, VideoDecoder
 from flowprep.export import export_rawframes
 from flowprep.extract import extend_index, extract
@@ -46,7 +47,6 @@ from flowprep.shards.layout import INDEX_SCHEMA, complete_shards
 from flowprep.shards.plan import ShardPlan
 from flowprep.sources import VideoSpec
 from flowprep.storage import storage
-from baseline import opencv_flow, opencv_pool
 from results import write_results
 
 def bare_solver(pairs: list, processes: int) -> float:

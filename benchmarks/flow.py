@@ -47,13 +47,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import av
 import cv2
 import numpy as np
 import torch
-from baseline import opencv_flow, opencv_pool
 from results import write_results
 
+from flowprep.bench import CLIPS, decode_gray, epe_stats, frame_pairs, noise_floor, opencv_pool, parse_frame_size, time_pool
 from flowprep.flow.opencv import OpenCVCudaTVL1, opencv_cuda_devices
 from flowprep.flow.torch_tvl1 import (
     VARIANT_DEFAULTS,
@@ -61,9 +60,7 @@ from flowprep.flow.torch_tvl1 import (
     device_description,
     pyramid_sizes,
 )
-from flowprep.samples import sample_clip
 
-CLIPS = ("bikes.mp4", "bigbuckbunny.mp4")
 # name -> (runs on the GPU, TV-L1 variant, torch.compile)
 TORCH_BACKENDS = {
     "torch-cpu": (False, "cpu", False),
@@ -77,65 +74,6 @@ BACKENDS = ("opencv-cuda", *TORCH_BACKENDS)
 GPU_BACKENDS = tuple(name for name in BACKENDS if name != "torch-cpu")
 # A fused step reads I1wx, I1wy, rho_c, u1, u2, p11, p12, p21, p22 and writes u1, u2, p11..p22.
 BYTES_PER_PIXEL_STEP = (9 + 6) * 4
-
-
-# ---------------------------------------------------------------------------------------------
-# frames
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """``"340x256"`` to ``(340, 256)``: width, height in pixels."""
-    width, _, height = text.lower().partition("x")
-    return int(width), int(height)
-
-
-def decode_gray(name: str, count: int) -> list[np.ndarray]:
-    """The first ``count`` frames (or all, if fewer) of a sample clip, gray, at its own size."""
-    frames = []
-    with av.open(str(sample_clip(name))) as container:
-        for frame in container.decode(video=0):
-            frames.append(frame.to_ndarray(format="gray"))
-            if len(frames) == count:
-                break
-    return frames
-
-
-def cover_crop(gray: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Scale (INTER_AREA) so the frame covers ``width x height``, then cut out its centre."""
-    scale = max(width / gray.shape[1], height / gray.shape[0])
-    w, h = max(width, round(gray.shape[1] * scale)), max(height, round(gray.shape[0] * scale))
-    scaled = cv2.resize(gray, (w, h), interpolation=cv2.INTER_AREA)
-    x, y = (w - width) // 2, (h - height) // 2
-    return np.ascontiguousarray(scaled[y:y + height, x:x + width])
-
-
-def frame_pairs(clips: list[list[np.ndarray]], size: tuple[int, int], count: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """``count`` pairs of consecutive frames, taken from the clips in turn (a clip that runs out
-    starts again), as first and second ``[N, H, W]`` uint8; also how many pairs are distinct."""
-    scaled = [[cover_crop(f, *size) for f in frames] for frames in clips]
-    picks = []  # (clip, index of the pair's first frame)
-    for k in range(count):
-        clip = k % len(scaled)
-        picks.append((clip, (k // len(scaled)) % (len(scaled[clip]) - 1)))
-    first = np.stack([scaled[c][i] for c, i in picks])
-    second = np.stack([scaled[c][i + 1] for c, i in picks])
-    return first, second, len(set(picks))
-
-
-# ---------------------------------------------------------------------------------------------
-# baseline: OpenCV CPU, one single-threaded process per core (benchmarks/baseline.py)
-
-
-def opencv_cpu(pool, first: np.ndarray, second: np.ndarray, repeat: int) -> tuple[list[float], np.ndarray]:
-    """Seconds of each of ``repeat`` runs over all pairs, and the flow ``[N, H, W, 2]`` px.
-    The flow comes back to this process inside the timing (under 1 ms a pair, against ~1 s)."""
-    pairs = list(zip(first, second, strict=True))
-    seconds, flow = [], None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        flow = pool.map(opencv_flow, pairs, chunksize=1)
-        seconds.append(time.perf_counter() - t0)
-    return seconds, np.stack(flow)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,22 +185,6 @@ def opencv_cuda(first: np.ndarray, second: np.ndarray, repeat: int) -> dict:
 # fidelity and the memory-traffic floor
 
 
-def noise_floor(pool, first: np.ndarray, second: np.ndarray) -> dict:
-    """OpenCV CPU against itself with 0.001 gray levels of Gaussian noise on each first frame: how
-    far a change far below any rounding moves its flow on these pairs. A reimplementation that
-    differs from OpenCV by about this much differs by float rounding, not by algorithm."""
-    rng = np.random.default_rng(0)
-    noisy = [((a + rng.normal(0, 0.001, a.shape)) / 255).astype(np.float32) for a in first]
-    # Float input is taken to be in [0, 1] (OpenCV multiplies it by 255), the same scale as uint8.
-    return np.stack(pool.map(opencv_flow, list(zip(noisy, (second / np.float32(255)).astype(np.float32), strict=True)), chunksize=1))
-
-
-def epe_stats(flow: np.ndarray, reference: np.ndarray) -> dict:
-    """Endpoint error in px, mean and 99th percentile over every pixel of every pair."""
-    epe = np.linalg.norm(flow - reference, axis=-1)
-    return {"mean_epe_px": float(epe.mean()), "p99_epe_px": float(np.percentile(epe, 99))}
-
-
 def max_steps_per_level(variant: str) -> int:
     """Primal-dual steps a level can take at most with the variant's default parameters."""
     p = VARIANT_DEFAULTS[variant]
@@ -343,7 +265,7 @@ def measure_size(size, clips, pool, names, args) -> dict:
     first, second, distinct = frame_pairs(clips, size, args.pairs)
     n = len(first)
     print(f"\n{size[0]}x{size[1]}: {n} pairs ({distinct} distinct)", flush=True)
-    seconds, reference = opencv_cpu(pool, first, second, args.repeat)
+    seconds, reference = time_pool(pool, first, second, args.repeat)
     backends = {"opencv": {"variant": "cpu", "device": f"cpu, {args.workers} processes", "batch": 1, "seconds": seconds}}
     flows = {"opencv": reference}
     for name in names:
@@ -412,7 +334,7 @@ def main() -> None:
         else:
             names.append(name)
     torch.set_num_threads(os.cpu_count())  # torch-cpu uses every core, as the baseline does
-    sizes = [parse_size(s) for s in args.sizes.split(",")]
+    sizes = [parse_frame_size(s) for s in args.sizes.split(",")]
     # Each clip takes every other pair: ceil(pairs / 2) + 1 frames of it are enough.
     clips = [decode_gray(name, -(-args.pairs // len(CLIPS)) + 1) for name in CLIPS]
     print(f"backends: opencv (baseline, {args.workers} processes), {', '.join(names) or 'no others'}")

@@ -151,9 +151,10 @@ def extract_options(f):
 
 @main.command("extract")
 @extract_options
+@click.option("--dry-run", is_flag=True, help="Write nothing (not even --out) and take no lock: find and plan the videos as the run would, time a short calibration here with the chosen backend and workers, and print the videos, shards, bytes and wall time the run would take (only what is left to do in an existing --out); the last line is JSON.")
 def extract_command(src, out, annotations, trim, labels_file, limit, fps, short_side, max_frames, flow_backend, flow_params,
                     flow_bound, flow_dtype, rgb_codec, flow_codec, fmt, shard_size, chunk_frames, fail_corrupt, workers, decoders,
-                    writers, gpu_share, ray_address, overwrite, retry_failed, allow_failures, progress):
+                    writers, gpu_share, ray_address, overwrite, retry_failed, allow_failures, progress, dry_run):
     """Decode, compute TV-L1 flow and write RGB + flow shards for every video under --src
     (RGB-only shards with --flow none).
 
@@ -176,9 +177,15 @@ def extract_command(src, out, annotations, trim, labels_file, limit, fps, short_
     except OptionError as e:
         raise bad_usage(e) from None
     check_allow_failures(allow_failures)
+    options = dict(annotations=annotations, labels_file=labels_file, limit=limit, overwrite=overwrite, retry_failed=retry_failed,
+                   workers=workers, decoders=decoders, writers=writers, ray_address=ray_address, gpu_share=gpu_share)
     try:
-        report = extract(src, out, config, annotations=annotations, labels_file=labels_file, limit=limit, overwrite=overwrite,
-                         retry_failed=retry_failed, workers=workers, decoders=decoders, writers=writers, ray_address=ray_address, gpu_share=gpu_share, progress=progress)
+        if dry_run:
+            from flowprep.estimate import estimate_run
+
+            print_estimate(estimate_run(src, out, config, **options))
+            return
+        report = extract(src, out, config, progress=progress, **options)
     except OptionError as e:  # the source or the flow parameters, found wrong before anything is written
         raise bad_usage(e) from None
     except (OutputMismatch, OutputRefused, OutputLocked, ValueError, FileNotFoundError) as e:
@@ -206,6 +213,47 @@ def exit_for_failures(failed: int, videos: int, rule: str) -> None:
     if failed > allowed:
         click.echo(f"{failed} videos failed, more than --allow-failures {rule} permits ({allowed})", err=True)
         sys.exit(EXIT_FAILURES)
+
+
+def human_seconds(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def print_estimate(estimate) -> None:
+    """``extract --dry-run``'s report (:class:`~flowprep.estimate.Estimate`); the last line is JSON."""
+    e, shape, cal = estimate, estimate.shape, estimate.calibration
+    click.echo(f"dry run: nothing written to {e.out} ({e.output} output)")
+    click.echo(f"videos:  {e.videos} found, {e.missing} missing, {len(e.unreadable)} unreadable; {e.done} already done, "
+               f"{e.to_do} to do in {e.shards} shard(s) ({e.shards_done} complete)")
+    for video_id, reason in list(e.unreadable.items())[:5]:
+        click.echo(f"         unreadable: {video_id}: {reason}")
+    click.echo(f"frames:  {e.frames} frames, {e.flow_pairs} flow pairs (from the container headers)")
+    rates = cal.to_dict()
+    per_pixel = ", ".join(f"{name} {rates[f'{name}_bytes_per_pixel']:.3f}" for name in ("rgb", "flow")
+                          if rates[f"{name}_bytes_per_pixel"] is not None)
+    click.echo(f"bytes:   {human_bytes(e.estimated_bytes)} (RGB {human_bytes(e.rgb_bytes)}, flow {human_bytes(e.flow_bytes)}; "
+               f"calibrated bytes a pixel: {per_pixel or 'none'}; the shard plan's table says {human_bytes(e.plan_bytes)})")
+    if shape.on_gpu:
+        spread = f"{shape.flow_workers} flow worker(s) on {shape.gpus} GPU(s) beside {shape.decoders} decoder(s)"
+    elif shape.mode == "ray":
+        spread = f"{shape.flow_workers} flow worker(s) and {shape.decoders} decoder(s) on {shape.cores} cores"
+    else:
+        spread = "one process"
+    click.echo(f"time:    {human_seconds(e.estimated_seconds)}: decode {human_seconds(e.decode_seconds)} + flow "
+               f"{human_seconds(e.flow_seconds)} of work, over {spread}, plus {e.planning_seconds:.1f} s of planning")
+    click.echo(f"workers: {shape.counted}")
+    click.echo(f"calibration: {cal.pairs} pairs spread over {len(cal.videos)} videos ({', '.join(cal.videos) or 'none'}) and "
+               f"{cal.decoded_frames} frames from their starts in {cal.seconds:.1f} s, {e.flow} on {e.device or 'no flow'}"
+               + (f"; failed: {', '.join(f'{v} ({r})' for v, r in cal.failed.items())}" if cal.failed else ""))
+    for note in e.notes:
+        click.echo(f"note:    {note}")
+    click.echo(json.dumps(e.to_dict(), sort_keys=True))
 
 
 def print_summary(report: ExtractReport, out: str | Path) -> None:
@@ -450,6 +498,45 @@ def export(out, dest, layout, quality):
     except READ_ERRORS as e:
         raise click.ClickException(one_line(e)) from None
     click.echo(f"wrote {sum(counts.values())} videos to {dest} ({', '.join(f'{k}: {v}' for k, v in counts.items())})")
+
+
+@main.command()
+@click.option("--flow", default="auto", show_default=True, type=click.Choice(["auto", *sorted(BACKENDS)]), help="Backend to measure: auto is the one extract picks here (torch on a GPU, then opencv-cuda, then opencv).")
+@click.option("--size", default="340x256", show_default=True, help="WIDTHxHEIGHT of the frame pairs (the sample clips scaled to cover it, centre-cropped).")
+@click.option("--pairs", default=8, show_default=True, type=click.IntRange(min=1), help="Frame pairs per timed run (fidelity: the first 32).")
+@click.option("--batch", type=click.IntRange(min=1), help="torch: pairs solved at once (default: all, as far as GPU memory allows).")
+@click.option("--device", help="cpu, cuda or cuda:N (default: a GPU when torch sees one; opencv runs on the CPU).")
+@click.option("--repeat", default=3, show_default=True, type=click.IntRange(min=1), help="Timed runs; pairs/s is their median.")
+def bench(flow, size, pairs, batch, device, repeat):
+    """Measure a flow backend here on real frame pairs of the sample clips: pairs/s, peak GPU
+    memory per pair, and end-point error against OpenCV's CPU TV-L1 with the same parameters.
+
+    opencv runs one single-threaded solver per core (as extract's flow workers); torch on CUDA
+    runs eagerly and compiled (torch.compile, what extract uses there), each after an untimed
+    run. The last line is JSON. Exit status 0, 2 on bad usage (a backend or device this machine
+    does not have included).
+    """
+    from flowprep.bench import CLIPS, FIDELITY_PAIRS, NOISE_GRAY_LEVELS, bench_flow, parse_frame_size
+
+    try:
+        result = bench_flow(flow, parse_frame_size(size), pairs, batch, device, repeat)
+    except OptionError as e:
+        raise bad_usage(e) from None
+    summary = result.to_dict()
+    click.echo(f"flow:     {result.flow} on {result.device}, {summary['size']}, {result.pairs} pairs ({result.distinct_pairs} "
+               f"distinct) of {', '.join(CLIPS)}, {repeat} timed runs, parameters {result.params}")
+    per = f"with {result.processes} single-thread processes" if result.processes else "per GPU" if result.device != "cpu" else "on the CPU"
+    for name, mode in result.modes.items():
+        memory = f", peak {human_bytes(mode['peak_bytes_per_pair'])} a pair" if mode["peak_bytes_per_pair"] is not None else ""
+        click.echo(f"speed:    {name}: {mode['pairs_per_s']:.3f} pairs/s {per} (min {mode['pairs_per_s_min']:.3f}, "
+                   f"max {mode['pairs_per_s_max']:.3f}), batch {mode['batch']}{memory}")
+    for name, mode in result.modes.items():
+        click.echo(f"fidelity: {name}: mean EPE {mode['epe_vs_opencv']:.4f} px, p99 {mode['epe_p99_vs_opencv']:.4f} px against "
+                   f"{result.reference}, on {min(pairs, FIDELITY_PAIRS)} pairs")
+    floor = result.noise_floor
+    click.echo(f"noise:    OpenCV against itself with {NOISE_GRAY_LEVELS} gray levels of noise: mean EPE "
+               f"{floor['mean_epe_px']:.4f} px, p99 {floor['p99_epe_px']:.4f} px (docs/flow.md)")
+    click.echo(json.dumps(summary, sort_keys=True))
 
 
 @main.command()

@@ -14,7 +14,6 @@ import math
 import os
 import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from flowprep.flow import BACKENDS, flow_device, get_backend, resolve_backend_na
 from flowprep.flow.opencv import NO_OPENCV_CUDA, opencv_cuda_devices
 from flowprep.pipeline import ExtractConfig, VideoChunk, video_chunks
 from flowprep.provenance import versions
-from flowprep.shards.plan import PLAN_SCHEMA, ShardPlan, estimate_bytes, plan_table, replan
+from flowprep.shards.plan import PLAN_SCHEMA, ShardPlan, VideoSize, estimate_bytes, plan_table, probe_sizes, replan
 from flowprep.shards.writer import commit_shard, write_in_order
 from flowprep.shards.layout import (
     DATASET_JSON,
@@ -45,7 +44,7 @@ from flowprep.shards.layout import (
     parse_table,
     read_dataset_json,
     read_failures,
-    rebuild_index,
+    read_index,
     remove_leftovers,
     remove_output,
     shard_name,
@@ -54,13 +53,12 @@ from flowprep.shards.layout import (
     write_json,
     write_table,
 )
-from flowprep.sources import VideoSpec, build_label_map, find_videos
+from flowprep.sources import SourceProblem, VideoSpec, build_label_map, find_videos
 from flowprep.storage import Storage, storage
 
 log = logging.getLogger(__name__)
 
 WRITERS = ("auto", "workers", "driver")
-PROBE_THREADS = 16  # containers opened at once to plan shards (header reads: I/O bound)
 
 
 class OutputMismatch(Exception):
@@ -133,14 +131,14 @@ def describe_run(config: ExtractConfig, label_map: dict[str, int], src, annotati
     }
 
 
-def prepare_output(out: Storage, description: dict, overwrite: bool) -> None:
-    """Create ``out`` or check that its run was made with the same parameters and labels.
+def check_output(out: Storage, description: dict, overwrite: bool) -> None:
+    """Check, reading only, that a run of ``description`` may write into ``out``.
 
     flowprep writes only into a new or empty folder or its own output: a folder holding anything
     flowprep did not write (:func:`~flowprep.shards.layout.output_files`), or flowprep's file names
     without flowprep's dataset.json, is refused with or without ``overwrite``
-    (:class:`OutputRefused`). ``overwrite`` then deletes flowprep's files, and only those.
-    Raises :class:`OutputMismatch` for a run with other parameters.
+    (:class:`OutputRefused`). Without ``overwrite``, a run with other parameters is an
+    :class:`OutputMismatch`.
     """
     own, others = output_files(out)
     if others:
@@ -154,19 +152,36 @@ def prepare_output(out: Storage, description: dict, overwrite: bool) -> None:
     if own and previous is None:
         raise OutputRefused(f"{out} holds {own[0]} but no {DATASET_JSON}, so flowprep cannot tell "
                             "that its files are its own: choose another --out")
+    if overwrite or previous is None:
+        return
+    changed = description_difference(previous, description, ("schema_version", "params", "label_map"))
+    if changed:
+        raise OutputMismatch(f"{out} holds a run with other {changed[0]}: {changed[1]}. "
+                             "Use another --out, the same options, or --overwrite to delete that run and start over.")
+    for key in ("versions", "flow"):
+        changed = description_difference(previous, description, (key,))
+        if changed:
+            log.warning("%s was started with other %s: %s", out, key, changed[1])
+
+
+def prepare_output(out: Storage, description: dict, overwrite: bool) -> None:
+    """Create ``out`` or check that its run was made with the same parameters and labels
+    (:func:`check_output`); ``overwrite`` then deletes flowprep's files, and only those."""
+    check_output(out, description, overwrite)
     if overwrite:
         remove_output(out)
-    elif previous is not None:
-        changed = description_difference(previous, description, ("schema_version", "params", "label_map"))
-        if changed:
-            raise OutputMismatch(f"{out} holds a run with other {changed[0]}: {changed[1]}. "
-                                 "Use another --out, the same options, or --overwrite to delete that run and start over.")
-        for key in ("versions", "flow"):
-            changed = description_difference(previous, description, (key,))
-            if changed:
-                log.warning("%s was started with other %s: %s", out, key, changed[1])
     out.makedirs()
     write_json(out, DATASET_JSON, description)
+
+
+def refuse_damaged(out: Storage) -> None:
+    """:class:`OutputRefused` when a complete shard of ``out`` is damaged (a run would skip it)."""
+    damaged = damaged_shards(out)
+    if damaged:
+        shard, reason = next(iter(damaged.items()))
+        more = f" (and {len(damaged) - 1} more shards)" if len(damaged) > 1 else ""
+        raise OutputRefused(f"{out / shard} is damaged: {reason}{more}. Run `flowprep verify {out} --repair` to drop "
+                            "the damaged shards, then rerun this command to extract their videos again")
 
 
 def local_video_chunks(specs: Iterable[VideoSpec], config: ExtractConfig) -> Iterator[tuple[VideoSpec, Iterator[VideoChunk]]]:
@@ -181,26 +196,107 @@ def read_plan(out: Storage) -> pa.Table:
     return parse_table(out.read_bytes(PLAN), PLAN_SCHEMA) if out.exists(PLAN) else PLAN_SCHEMA.empty_table()
 
 
-def plan_output(out: Storage, stored: pa.Table, specs: list[VideoSpec], config: ExtractConfig, redo: set[str]) -> list[ShardPlan]:
-    """The shards of ``out``: as its ``stored`` plan (:func:`read_plan`) has them, for the videos
+def plan_output(stored: pa.Table, complete: set[str], has_plan: bool, specs: list[VideoSpec], config: ExtractConfig,
+                redo: set[str]) -> tuple[list[ShardPlan], pa.Table | None, dict[str, VideoSize]]:
+    """The shards of an output: as its ``stored`` plan (:func:`read_plan`) has them, for the videos
     of ``specs``, then the videos the plan does not hold and those of ``redo`` (in complete
     shards, but neither written nor settled), planned from their headers
     (:mod:`flowprep.shards.plan`) into new shards numbered after every shard that the stored plan
-    or the output holds: a video taken out of a complete shard must not be planned back into
-    one. The plan is stored before any shard is written, so a resumed run writes the same shards."""
-    taken = max([*stored["shard"].to_pylist(), *map(shard_number, complete_shards(out))], default=-1)
+    or the output's ``complete`` shards hold: a video taken out of a complete shard must not be
+    planned back into one. Also the plan to store before any shard is written (``None`` when the
+    stored one, ``has_plan``, holds), so that a resumed run writes the same shards, and the
+    headers read (:class:`~flowprep.shards.plan.VideoSize` by video id)."""
+    taken = max([*stored["shard"].to_pylist(), *map(shard_number, complete)], default=-1)
     if redo:
         stored = stored.filter(pc.invert(pc.is_in(stored["video_id"], pa.array(sorted(redo)))))
     held = set(stored["video_id"].to_pylist())
-    new = [spec for spec in specs if spec.video_id not in held]
-    with ThreadPoolExecutor(PROBE_THREADS) as pool:  # FFmpeg opens files without the GIL
-        estimates = dict(zip((spec.video_id for spec in new), pool.map(lambda spec: estimate_bytes(spec, config), new)))
+    sizes = probe_sizes([spec for spec in specs if spec.video_id not in held], config)
+    estimates = {video_id: estimate_bytes(size, config) for video_id, size in sizes.items()}
     plans = replan(stored, specs, estimates, config.shard_size, after=taken)
-    if new or redo or not out.exists(PLAN):
-        added = [plan for plan in plans if plan.number > taken]
-        write_table(out, PLAN, pa.concat_tables([stored, plan_table(added, estimates)]))
-        log.info("planned %d videos into %d new shards", len(new), len(added))
-    return plans
+    if not (sizes or redo or not has_plan):
+        return plans, None, sizes
+    added = [plan for plan in plans if plan.number > taken]
+    log.info("planned %d videos into %d new shards", len(sizes), len(added))
+    return plans, pa.concat_tables([stored, plan_table(added, estimates)]), sizes
+
+
+@dataclass
+class Pending:
+    """What a run has left to do in an output, as read from it (nothing written).
+
+    ``index``: the rows of its complete shards; ``settled``: the failures recorded with complete
+    shards that the run does not try again; ``todo``: the shards still to write (not complete,
+    with videos); ``new_plan``: the plan to store before writing
+    (``None``: the stored one holds); ``sizes``: the headers read to plan the videos new to the plan.
+    """
+
+    index: pa.Table
+    settled: list[dict]
+    todo: list[ShardPlan]
+    new_plan: pa.Table | None
+    sizes: dict[str, VideoSize]
+
+    @property
+    def todo_videos(self) -> list[VideoSpec]:
+        return [spec for plan in self.todo for spec in plan.videos]
+
+
+def pending_work(out: Storage, specs: list[VideoSpec], config: ExtractConfig, retry_failed: bool, fresh: bool = False) -> Pending:
+    """What a run of ``specs`` under ``config`` has left to do in ``out``, reading only: videos in
+    complete shards are done; so are the failures recorded with them (stage ``worker`` aside),
+    unless ``retry_failed``. ``fresh``: as for an empty ``out`` (what ``overwrite`` leaves), reading nothing."""
+    complete = set() if fresh else set(complete_shards(out))
+    index = INDEX_SCHEMA.empty_table() if fresh else read_index(out)
+    # A video lost to cluster faults (stage "worker") is never settled: every run tries it again.
+    failures = [] if fresh or retry_failed else read_failures(out)
+    settled = [f for f in failures if f.get("shard") in complete and f.get("stage") != "worker"]
+    done = set(index["video_id"].to_pylist()) | {f["video_id"] for f in settled}
+    stored = PLAN_SCHEMA.empty_table() if fresh else read_plan(out)
+    in_complete = {row["video_id"] for row in stored.to_pylist() if shard_name(row["shard"], config.format) in complete}
+    has_plan = not fresh and out.exists(PLAN)
+    plans, new_plan, sizes = plan_output(stored, complete, has_plan, specs, config, redo=in_complete - done)
+    todo = [plan for plan in plans if shard_name(plan.number, config.format) not in complete and plan.videos]
+    return Pending(index, settled, todo, new_plan, sizes)
+
+
+@dataclass
+class RunInputs:
+    """What a run is to make, found before anything is written: ``config`` with its flow backend
+    resolved, the videos found (``specs``) and those that cannot be used (``problems``), the label
+    map, the description for dataset.json, and the GPUs of the Ray cluster that runs the flow
+    (``None``: this machine's)."""
+
+    config: ExtractConfig
+    specs: list[VideoSpec]
+    problems: list[SourceProblem]
+    label_map: dict[str, int]
+    description: dict
+    gpus: int | None
+
+
+def find_run(src, out: Storage, config: ExtractConfig, annotations, labels_file, limit: int | None, workers: int | None,
+             writers: str, ray_address: str | None) -> RunInputs:
+    """Check the options and find the videos of a run; connects to the Ray cluster of
+    ``ray_address`` (or ``$RAY_ADDRESS``) to count its GPUs, which decide the flow backend ``auto``."""
+    if writers not in WRITERS:
+        raise OptionError(f"writers must be one of {', '.join(WRITERS)}, not {writers!r}", "writers")
+    if not out.local and config.format == "hdf5":
+        raise OptionError(HDF5_NEEDS_LOCAL, "format")
+    gpus = None  # this machine's, unless a Ray cluster runs the flow
+    if workers != 0 and (ray_address or os.environ.get("RAY_ADDRESS")):
+        from flowprep.cluster import cluster_gpus, start_ray
+
+        start_ray(ray_address)
+        gpus = cluster_gpus()
+    config = resolve_config(config, gpus)
+    if config.flow_backend == "opencv-cuda" and gpus is None and not opencv_cuda_devices():
+        raise OptionError(NO_OPENCV_CUDA, "flow_backend")  # before the output folder takes these options
+    specs, problems = find_videos(src, annotations, config.trim)
+    label_map = build_label_map([s.label for s in specs] + [p.label for p in problems], labels_file)
+    if limit is not None:
+        specs = specs[:limit]
+    description = describe_run(config, label_map, src, annotations, labels_file, gpus)
+    return RunInputs(config, specs, problems, label_map, description, gpus)
 
 
 def extend_index(out: Storage, index: pa.Table, rows: list[dict]) -> pa.Table:
@@ -240,25 +336,9 @@ def extract(
     that loses its lock stops before its next commit (:class:`~flowprep.lock.LockLost`).
     ``out``: a local folder, or ``s3://``/``gs://`` prefix (Arrow shards only; :mod:`flowprep.storage`).
     """
-    if writers not in WRITERS:
-        raise OptionError(f"writers must be one of {', '.join(WRITERS)}, not {writers!r}", "writers")
     out = storage(out)
-    if not out.local and config.format == "hdf5":
-        raise OptionError(HDF5_NEEDS_LOCAL, "format")
-    gpus = None  # this machine's, unless a Ray cluster runs the flow
-    if workers != 0 and (ray_address or os.environ.get("RAY_ADDRESS")):
-        from flowprep.cluster import cluster_gpus, start_ray
-
-        start_ray(ray_address)
-        gpus = cluster_gpus()
-    config = resolve_config(config, gpus)
-    if config.flow_backend == "opencv-cuda" and gpus is None and not opencv_cuda_devices():
-        raise OptionError(NO_OPENCV_CUDA, "flow_backend")  # before the output folder takes these options
-    specs, problems = find_videos(src, annotations, config.trim)
-    label_map = build_label_map([s.label for s in specs] + [p.label for p in problems], labels_file)
-    if limit is not None:
-        specs = specs[:limit]
-    description = describe_run(config, label_map, src, annotations, labels_file, gpus)
+    run = find_run(src, out, config, annotations, labels_file, limit, workers, writers, ray_address)
+    config, specs, problems, label_map, description = run.config, run.specs, run.problems, run.label_map, run.description
     if config.has_flow:
         log.info("flow: %s on %s", config.flow_backend, description["flow"]["device"])
     else:
@@ -268,23 +348,13 @@ def extract(
         prepare_output(out, description, overwrite)
         for path in remove_leftovers(out):
             log.info("removed %s, left by an interrupted run", path)
-        damaged = damaged_shards(out)
-        if damaged:
-            shard, reason = next(iter(damaged.items()))
-            more = f" (and {len(damaged) - 1} more shards)" if len(damaged) > 1 else ""
-            raise OutputRefused(f"{out / shard} is damaged: {reason}{more}. Run `flowprep verify {out} --repair` to drop "
-                                "the damaged shards, then rerun this command to extract their videos again")
+        refuse_damaged(out)
         out.makedirs(SHARDS)
-        index = rebuild_index(out)
-        complete = set(complete_shards(out))
-        # A video lost to cluster faults (stage "worker") is never settled: every run tries it again.
-        settled = [] if retry_failed else [f for f in read_failures(out) if f.get("shard") in complete and f.get("stage") != "worker"]
-        done = set(index["video_id"].to_pylist()) | {f["video_id"] for f in settled}
-        stored = read_plan(out)
-        in_complete = {row["video_id"] for row in stored.to_pylist() if shard_name(row["shard"], config.format) in complete}
-        plans = plan_output(out, stored, specs, config, redo=in_complete - done)
-        todo = [plan for plan in plans if shard_name(plan.number, config.format) not in complete and plan.videos]
-        todo_videos = [spec for plan in todo for spec in plan.videos]
+        pending = pending_work(out, specs, config, retry_failed)
+        index, settled, todo, todo_videos = pending.index, pending.settled, pending.todo, pending.todo_videos
+        write_table(out, INDEX, index)  # rebuilt from the complete shards' parts
+        if pending.new_plan is not None:
+            write_table(out, PLAN, pending.new_plan)
         report = ExtractReport(videos=len(specs) + len(problems), skipped=len(specs) - len(todo_videos), failed=len(settled),
                                failures=settled)
         log.info("%d videos found, %d already done (%d of them failed), %d to do in %d shards, %d missing",

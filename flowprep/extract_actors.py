@@ -220,11 +220,28 @@ class _Cluster:
     window: int
 
 
-def _start_flow_workers(config: ExtractConfig, workers: int | None, decoders: int | None, address: str | None,
-                        gpu_share: int) -> _Cluster:
-    # --workers counts CPUs for the CPU solver and for RGB only; GPU solvers leave every CPU to the decoders.
-    start_ray(address, workers if config.flow_backend in ("opencv", NO_FLOW) else None)
-    cpus, gpus = cluster_cpus(), cluster_gpus()
+@dataclass(frozen=True)
+class WorkerSizes:
+    """How a run spreads over a Ray cluster: ``flow_workers`` flow actors (on GPUs when
+    ``on_gpu``; none for RGB only), ``decoders`` decode actors, ``window`` videos (or shards) in flight."""
+
+    on_gpu: bool
+    flow_workers: int
+    decoders: int
+    window: int
+
+
+def local_ray_cpus(config: ExtractConfig, workers: int | None) -> int | None:
+    """The CPUs a local Ray is started with for a run (``None``: every CPU of this machine):
+    ``--workers`` counts CPUs for the CPU solver and for RGB only; GPU solvers leave every CPU to
+    the decoders."""
+    return workers if config.flow_backend in ("opencv", NO_FLOW) else None
+
+
+def size_workers(config: ExtractConfig, workers: int | None, decoders: int | None, cpus: int, gpus: int,
+                 gpu_share: int) -> WorkerSizes:
+    """The actors a run of ``config`` starts on a cluster of ``cpus`` CPUs and ``gpus`` GPUs with
+    the options ``workers``, ``decoders`` and ``gpu_share`` (see :func:`ray_write_shards`)."""
     on_gpu = config.flow_backend == "opencv-cuda" or (config.flow_backend == "torch" and gpus > 0)
     if on_gpu and not gpus:
         raise ValueError(f"--flow {config.flow_backend} needs a GPU; the Ray cluster has none")
@@ -233,27 +250,37 @@ def _start_flow_workers(config: ExtractConfig, workers: int | None, decoders: in
         # Decoding is all the work: a decoder per worker, each with two videos in flight (one
         # decoding while the other waits to be written).
         decoders = decoders or workers
-        log.info("ray: %d decoders, no flow (RGB only)", decoders)
-        return _Cluster([], [], decoders, 2 * decoders)
-    names = [f"flowprep-flow-{uuid.uuid4().hex}" for _ in range(workers)]
+        return WorkerSizes(False, 0, decoders, 2 * decoders)
+    if on_gpu:
+        decoders = decoders or max(1, cpus // 4)
+        return WorkerSizes(True, workers, decoders, workers * GPU_VIDEOS // gpu_share + 2 * decoders)
+    decoders = decoders or max(1, workers // 16)
+    # Videos queued: with the lookahead, enough chunks for every worker.
+    return WorkerSizes(False, workers, decoders, workers + 2 * decoders)
+
+
+def _start_flow_workers(config: ExtractConfig, workers: int | None, decoders: int | None, address: str | None,
+                        gpu_share: int) -> _Cluster:
+    start_ray(address, local_ray_cpus(config, workers))
+    sizes = size_workers(config, workers, decoders, cluster_cpus(), cluster_gpus(), gpu_share)
+    if not config.has_flow:
+        log.info("ray: %d decoders, no flow (RGB only)", sizes.decoders)
+        return _Cluster([], [], sizes.decoders, sizes.window)
+    names = [f"flowprep-flow-{uuid.uuid4().hex}" for _ in range(sizes.flow_workers)]
     # A batched backend takes many chunks at once (its PairBatcher solves them together); any
     # other holds one solver that must not be called from two threads.
     batched = getattr(BACKENDS[config.flow_backend], "batched", False)
     options = {}
-    if on_gpu:
-        decoders = decoders or max(1, cpus // 4)
+    if sizes.on_gpu:
         resources = {"num_cpus": 1, "num_gpus": 1 / gpu_share, "max_concurrency": GPU_CHUNKS if batched else 1}
-        window = workers * GPU_VIDEOS // gpu_share + 2 * decoders
         if batched and gpu_share > 1:
             options["memory_fraction"] = 1 / gpu_share
     else:
-        decoders = decoders or max(1, workers // 16)
         resources = {"num_cpus": 1, "max_concurrency": 2 * FLOW_LOOKAHEAD if batched else 1}
-        window = workers + 2 * decoders  # videos queued: with the lookahead, enough chunks for every worker
     flow_workers = [ray.remote(FlowWorker).options(name=name, max_restarts=-1, **resources).remote(config, **options) for name in names]
     devices = wait_for_workers(flow_workers, "flow workers")  # a backend that cannot start fails here
-    log.info("ray: %d flow workers (%s on %s)", workers, config.flow_backend, ", ".join(sorted(set(devices))))
-    return _Cluster(flow_workers, names, decoders, window)
+    log.info("ray: %d flow workers (%s on %s)", sizes.flow_workers, config.flow_backend, ", ".join(sorted(set(devices))))
+    return _Cluster(flow_workers, names, sizes.decoders, sizes.window)
 
 
 def ray_write_shards(

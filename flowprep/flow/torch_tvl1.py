@@ -389,14 +389,16 @@ class TorchTVL1:
     """The ``torch`` flow backend: :class:`TVL1Solver` on the GPU when there is one.
 
     ``compute`` solves one video's pairs; ``solve`` takes pairs of many videos at once (the
-    batching flow actor uses it). ``threads`` caps PyTorch's CPU threads.
+    batching flow actor uses it). ``threads`` caps PyTorch's CPU threads; ``compile`` as
+    :class:`TVL1Solver` takes it (``None``: on CUDA only).
     """
 
     name = "torch"
     resolve_params = staticmethod(torch_tvl1_params)
     batched = True
 
-    def __init__(self, params: dict | None = None, threads: int = 1, device: str | None = None, memory_fraction: float = 1.0):
+    def __init__(self, params: dict | None = None, threads: int = 1, device: str | None = None, memory_fraction: float = 1.0,
+                 compile: bool | None = None):
         if device is None or device == "auto":
             device = default_device()
         if torch.device(device).type == "cpu":
@@ -404,7 +406,7 @@ class TorchTVL1:
         elif memory_fraction < 1:  # this solver shares its GPU with others
             torch.cuda.set_per_process_memory_fraction(memory_fraction, device)
         self.memory_fraction = memory_fraction
-        self.solver = TVL1Solver(params or {}, device)
+        self.solver = TVL1Solver(params or {}, device, compile)
         self.params = self.solver.params
         self.device = device_description(device)
         self._fits: dict[tuple[int, int], int] = {}  # (height, width) -> a batch size that fitted after running out of memory

@@ -63,9 +63,9 @@ def s3():
         deadline = time.monotonic() + 30
         while True:  # poll until it answers; a server that exited fails at once
             try:
-                urllib.request.urlopen(endpoint, timeout=1).close()
+                urllib.request.urlopen(endpoint, timeout=5).close()
                 break
-            except (urllib.error.URLError, ConnectionError):
+            except (urllib.error.URLError, ConnectionError, TimeoutError):  # not listening yet, or still starting up
                 assert server.poll() is None, "moto server exited"
                 assert time.monotonic() < deadline, "moto server did not answer within 30 s"
                 try:

@@ -45,6 +45,7 @@ from flowprep import ClipDataset, ClipSampler, train
 from flowprep.devices import resolve_device
 from flowprep.errors import OptionError
 from flowprep.networks import MODALITY_CHANNELS, CheckpointMismatch, checkpoint_modality, checkpoint_num_classes, load_state, load_weights
+from flowprep.process import run_and_exit
 
 OUTPUT_STRIDE = 4  # decoder output = crop / 4 pixels a side
 EXIT_CHECKPOINT = 1
@@ -254,4 +255,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import av
 import cv2
 import numpy as np
 
@@ -56,22 +55,40 @@ def _legend(size: int) -> np.ndarray:
     return disk
 
 
+def flow_panel(flow: np.ndarray, scale: float) -> np.ndarray:
+    """``[H, W, 2]`` flow in pixels to ``[H, W, 3] uint8``: :func:`flow_to_color` with the wheel's
+    legend in the top right corner."""
+    color = flow_to_color(flow, scale)
+    legend = _legend(max(16, flow.shape[0] // 5))
+    color[: legend.shape[0], -legend.shape[1] :] = legend
+    return color
+
+
+def side_by_side(panels: list[np.ndarray], labels: list[str]) -> np.ndarray:
+    """``[H, sum(W), 3] uint8``: ``[H, W, 3] uint8`` panels left to right, each with its label
+    written along its bottom edge (white on black outline: legible on any colour)."""
+    image = np.ascontiguousarray(np.concatenate(panels, axis=1))
+    font, size = cv2.FONT_HERSHEY_SIMPLEX, max(0.35, image.shape[0] / 600)
+    lefts = np.cumsum([0] + [panel.shape[1] for panel in panels[:-1]])
+    for text, left in zip(labels, lefts):
+        for thickness, colour in ((3, (0, 0, 0)), (1, (255, 255, 255))):
+            cv2.putText(image, text, (int(left) + 4, image.shape[0] - 6), font, size, colour, thickness, cv2.LINE_AA)
+    return image
+
+
+def write_png(path: str | Path, image: np.ndarray) -> Path:
+    """Write ``[H, W, 3] uint8`` RGB ``image`` to ``path`` as a PNG; an ``OSError`` if it cannot."""
+    if not cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
+        raise OSError(f"could not write {path}")
+    return Path(path)
+
+
 def render(rgb: np.ndarray, flow: np.ndarray | None, index: int, scale: float | None) -> np.ndarray:
     """``[H, 2W, 3] uint8``: the RGB frame, then its flow in colour, marked with the frame index and
     scale; ``[H, W, 3]``, the RGB frame alone, when ``flow`` is ``None``."""
-    panels, labels = [rgb], [(f"frame {index}", 4)]
-    if flow is not None:
-        color = flow_to_color(flow, scale)
-        legend = _legend(max(16, rgb.shape[0] // 5))
-        color[: legend.shape[0], -legend.shape[1] :] = legend
-        panels.append(color)
-        labels.append((f"flow {index}->{index + 1}, full colour = {scale:.1f} px", rgb.shape[1] + 4))
-    image = np.ascontiguousarray(np.concatenate(panels, axis=1))
-    font, size = cv2.FONT_HERSHEY_SIMPLEX, max(0.35, rgb.shape[0] / 600)
-    for text, x in labels:
-        cv2.putText(image, text, (x, image.shape[0] - 6), font, size, (0, 0, 0), 3, cv2.LINE_AA)
-        cv2.putText(image, text, (x, image.shape[0] - 6), font, size, (255, 255, 255), 1, cv2.LINE_AA)
-    return image
+    if flow is None:
+        return side_by_side([rgb], [f"frame {index}"])
+    return side_by_side([rgb, flow_panel(flow, scale)], [f"frame {index}", f"flow {index}->{index + 1}, full colour = {scale:.1f} px"])
 
 
 def flow_scale(reader: ShardReader, video_id: str, samples: int = 32) -> float:
@@ -100,12 +117,10 @@ def show(out: str | Path, video_id: str, dest: str | Path, frame: int | None = N
 
     if dest.suffix.lower() == ".png":
         i = n // 2 if frame is None else frame
-        image = images(i, i + 1)[0]
-        if not cv2.imwrite(str(dest), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
-            raise OSError(f"could not write {dest}")
-        return dest
+        return write_png(dest, images(i, i + 1)[0])
     if dest.suffix.lower() != ".mp4":
         raise ValueError(f"{dest}: write a .png or an .mp4")
+    import av  # only the MP4 needs PyAV: the probe's pictures (flowprep.probe) are drawn without it
     with av.open(str(dest), "w") as container:
         stream = container.add_stream("libx264", rate=reader.dataset["params"]["fps"], options={"crf": "18"})
         width = meta["width"] * (2 if reader.has_flow else 1)

@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import statistics
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -291,15 +292,16 @@ def _time_torch(params: dict, device: str, compile: bool, first, second, batch: 
 
 
 def bench_flow(flow: str = "auto", size: tuple[int, int] = (340, 256), pairs: int = 8, batch: int | None = None,
-               device: str | None = None, repeat: int = 3) -> BenchResult:
+               device: str | None = None, repeat: int = 3, say: Callable[[str], None] = lambda line: None) -> BenchResult:
     """Measure backend ``flow`` (``auto``: the one an extraction picks here, see
     :func:`~flowprep.flow.resolve_backend_name`) with its default parameters on ``pairs`` real
     frame pairs of ``size`` (width, height): pairs/s as the median of ``repeat`` timed runs, peak
     GPU memory per pair, and EPE against OpenCV's CPU solver on the first :data:`FIDELITY_PAIRS`.
 
     ``batch``: pairs per torch batch (default: all, within what the GPU's free memory allows);
-    ``device``: ``cpu``, ``cuda`` or ``cuda:N`` (default: a GPU when torch sees one).
-    :class:`OptionError` names the option that cannot work.
+    ``device``: ``cpu``, ``cuda`` or ``cuda:N`` (default: a GPU when torch sees one). ``say`` gets
+    a line as each stage ends (a first compilation on a GPU can take minutes: the stages before it
+    are not lost from view). :class:`OptionError` names the option that cannot work.
     """
     from flowprep.flow import BACKENDS
     from flowprep.flow.opencv import TVL1_DEFAULTS
@@ -319,20 +321,31 @@ def bench_flow(flow: str = "auto", size: tuple[int, int] = (340, 256), pairs: in
     processes = os.cpu_count()
     warm_up = list(zip(first, second, strict=True))
     modes: dict[str, Mode] = {}
+    start = time.perf_counter()
+
+    def measured(mode: str) -> None:
+        say(f"[{time.perf_counter() - start:.0f} s] {mode}: {pairs / statistics.median(modes[mode].seconds):.3f} pairs/s")
+
     with opencv_pool(processes, warm_up, reference_params) as pool:
         expected = pool_flow(pool, first[:checked], second[:checked])
         floor = epe_stats(noise_floor(pool, first[:checked], second[:checked]), expected)
+        say(f"[{time.perf_counter() - start:.0f} s] reference: OpenCV CPU on {checked} pairs, {processes} processes")
         if name == "opencv":
             modes["processes"] = Mode(*time_pool(pool, first, second, repeat))
+            measured("processes")
     if name == "opencv-cuda":
         device, modes["cuda"] = _time_opencv_cuda(params, device, first, second, repeat)
+        measured("cuda")
     elif name == "torch":
         import torch
 
         on_gpu = torch.device(device).type == "cuda"
         batch = min(batch or pairs, pairs)
         for mode in ("eager", "compiled") if on_gpu else ("eager",):
+            if mode == "compiled":
+                say(f"[{time.perf_counter() - start:.0f} s] compiled: compiling on the first run")
             described, modes[mode] = _time_torch(params, device, mode == "compiled", first, second, batch, repeat)
+            measured(mode)
         device = described
     default = "compiled" if "compiled" in modes else next(iter(modes))
     result = BenchResult(name, device, size, pairs, distinct, repeat, params, default,

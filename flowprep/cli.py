@@ -513,13 +513,14 @@ def bench(flow, size, pairs, batch, device, repeat):
 
     opencv runs one single-threaded solver per core (as extract's flow workers); torch on CUDA
     runs eagerly and compiled (torch.compile, what extract uses there), each after an untimed
-    run. The last line is JSON. Exit status 0, 2 on bad usage (a backend or device this machine
-    does not have included).
+    run. Each stage is said on stderr as it ends (a first compilation on a GPU can take
+    minutes); the last line is JSON. Exit status 0, 2 on bad usage (a backend or device this
+    machine does not have included).
     """
     from flowprep.bench import CLIPS, FIDELITY_PAIRS, NOISE_GRAY_LEVELS, bench_flow, parse_frame_size
 
     try:
-        result = bench_flow(flow, parse_frame_size(size), pairs, batch, device, repeat)
+        result = bench_flow(flow, parse_frame_size(size), pairs, batch, device, repeat, say=lambda line: click.echo(line, err=True))
     except OptionError as e:
         raise bad_usage(e) from None
     summary = result.to_dict()

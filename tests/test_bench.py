@@ -15,7 +15,12 @@ KEYS = {"flow", "device", "pairs_per_s", "epe_vs_opencv", "epe_p99_vs_opencv", "
 def bench(*args) -> dict:
     result = CliRunner().invoke(main, ["bench", *args])
     assert result.exit_code == 0, result.output
-    return json.loads(result.output.splitlines()[-1])
+    # Each stage is said on stderr as it ends, the reference first.
+    stages = [line.split("] ", 1)[1].split(":")[0] for line in result.stderr.splitlines()]
+    assert stages[0] == "reference" and len(stages) >= 2, result.stderr
+    summary = json.loads(result.stdout.splitlines()[-1])
+    assert stages[1:] == list(summary["modes"])
+    return summary
 
 
 def test_opencv_against_itself_is_exact():

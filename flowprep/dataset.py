@@ -70,6 +70,10 @@ class ClipDataset(Dataset):
         crop: side of the square crop in pixels (random when training, centred otherwise).
         train: random start, crop and flip; else deterministic evaluation clips.
         flip: horizontal flips when training (flow x is negated with the image).
+        flip_swap: pairs of class names that a horizontal flip turns into each other, for
+            classes defined by a left-right direction (``[("left", "right")]``): a mirrored clip
+            of one class is labelled the other. Every name must be in each folder's label map,
+            and at most once. Other classes keep their label when flipped.
         seed: base of every random draw.
         split: only videos of this split (``None``: all).
         num_clips: evaluation clips per video, spread uniformly (1: the centre clip).
@@ -118,6 +122,7 @@ class ClipDataset(Dataset):
         crop: int = 224,
         train: bool = True,
         flip: bool = True,
+        flip_swap: Sequence[tuple[str, str]] = (),
         seed: int = 0,
         split: str | None = None,
         num_clips: int = 1,
@@ -153,6 +158,7 @@ class ClipDataset(Dataset):
         self.modalities = tuple(modalities)
         self.clip_len, self.frame_stride, self.crop = clip_len, frame_stride, crop
         self.train, self.flip, self.seed = train, flip, seed
+        self._flipped_labels = [flipped_labels(reader, flip_swap) for reader in self.readers] if flip_swap else None
         self.num_clips = 1 if train else num_clips
         self.num_crops = 1 if train else num_crops
         # Lookup tables, one per channel, from stored uint8 to the returned value: one pass over
@@ -225,7 +231,8 @@ class ClipDataset(Dataset):
 
     @property
     def labels(self) -> list[int]:
-        """The label of each item, in item order."""
+        """The label of each item's video, in item order: each item's label but for flipped
+        training clips of ``flip_swap`` classes, which carry the other class of their pair."""
         return [self.meta(i)["label_index"] for i in range(len(self))]
 
     def _positions(self, meta: dict) -> int:
@@ -266,7 +273,10 @@ class ClipDataset(Dataset):
             (y, x), flip = crop_positions(h, w, self.crop, self.num_crops)[position], False
         frames = clip_indices(length, self.clip_len, self.frame_stride, start).tolist()
         window = (slice(y, y + self.crop), slice(x, x + self.crop))
-        item = {"label": meta["label_index"], "video_id": video_id, "start": start, "crop": (y, x), "flip": flip}
+        label = meta["label_index"]
+        if flip and self._flipped_labels and label >= 0:
+            label = self._flipped_labels[r][label]
+        item = {"label": label, "video_id": video_id, "start": start, "crop": (y, x), "flip": flip}
         if targets:
             stored = targets.get(video_id, start, y, x, flip)
             item.update({f"teacher_{name}": torch.from_numpy(stored[name]) for name in self.teacher_outputs})
@@ -303,6 +313,27 @@ class ClipDataset(Dataset):
         for c in range(planar.shape[0]):
             cv2.LUT(planar[c].reshape(-1, planar.shape[-1]), lut[c], dst=out[c].reshape(-1, planar.shape[-1]))
         return torch.from_numpy(out)
+
+
+def flipped_labels(reader: ShardReader, pairs: Sequence[tuple[str, str]]) -> list[int]:
+    """The label of a mirrored clip, by label index, for the class-name ``pairs`` that a flip
+    swaps (:class:`ClipDataset`'s ``flip_swap``); an unknown or repeated name is an
+    :class:`OptionError` on ``flip_swap``."""
+    if any(len(pair) != 2 for pair in pairs):
+        raise OptionError(f"flip_swap takes pairs of class names, not {list(pairs)}", "flip_swap")
+    label_map = reader.label_map
+    names = [name for pair in pairs for name in pair]
+    unknown = [name for name in names if name not in label_map]
+    if unknown:
+        raise OptionError(f"{', '.join(map(repr, unknown))} not a class of {reader.out} (its classes: {', '.join(label_map)})",
+                          "flip_swap")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise OptionError(f"{', '.join(map(repr, repeated))} in more than one pair", "flip_swap")
+    labels = list(range(len(label_map)))
+    for a, b in pairs:
+        labels[label_map[a]], labels[label_map[b]] = label_map[b], label_map[a]
+    return labels
 
 
 class ClipSampler(Sampler):

@@ -112,6 +112,15 @@ def number(kind: type, minimum: float, *, above: bool = False, maximum: float | 
 positive_int = number(int, 1)
 
 
+def class_pairs(text: str) -> tuple[tuple[str, str], ...]:
+    """``--flip-swap``'s ``A:B[,C:D...]`` as class-name pairs; the names are checked against the
+    label map when the datasets are made."""
+    pairs = tuple(tuple(pair.split(":")) for pair in text.split(","))
+    if any(len(pair) != 2 or not all(pair) for pair in pairs):
+        raise argparse.ArgumentTypeError(f"{text!r} is not class pairs A:B, comma-separated")
+    return pairs
+
+
 def option_flag(option: str) -> str:
     """An :class:`OptionError`'s option (``clip_len``) as the command line spells it (``--clip-len``)."""
     return "--" + option.replace("_", "-")
@@ -181,6 +190,8 @@ def argument_parser(description: str) -> argparse.ArgumentParser:
     add("--lr", type=number(float, 0, above=True), required=True, help="peak learning rate (per step, whatever the number of processes)")
     add("--optimizer", choices=("sgd", "adamw"), default="sgd", help="SGD with momentum 0.9, or AdamW")
     add("--weight-decay", type=number(float, 0), default=1e-4)
+    add("--flip-swap", type=class_pairs, help="A:B[,C:D...]: class pairs a horizontal flip turns into each other "
+                                            "(left-right direction classes); a flipped clip of A is labelled B and of B, A")
     add("--seed", type=number(int, 0, maximum=MAX_SEED), default=0, help="initial weights, sampler order, clip draws and dropout")
     add("--device", default="auto", help="auto (cuda when there is one), cpu, cuda or cuda:N")
     add("--num-workers", type=number(int, 0), default=4, help="DataLoader workers per process")
@@ -268,7 +279,7 @@ def make_datasets(args: argparse.Namespace, modalities: Sequence[str], **teacher
     of float16 shards as float32); ``teacher``: ``teacher=NAME, teacher_outputs=(...)`` for stored
     targets. An option they do not fit is an :class:`OptionError` (:func:`dataset_options`)."""
     common = dict(modalities=modalities, clip_len=args.clip_len, frame_stride=args.frame_stride, crop=args.crop,
-                  seed=args.seed, normalize=False, **teacher)
+                  flip_swap=args.flip_swap or (), seed=args.seed, normalize=False, **teacher)
     with dataset_options():
         train = ClipDataset(args.shards, train=True, split=args.split, **common)
         val = ClipDataset(args.shards, train=False, split=args.val_split, num_clips=args.val_clips, **common) if args.val_split else None

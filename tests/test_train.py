@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flowprep import ClipDataset
+from flowprep.errors import OptionError
 from flowprep.extract import extract
 from flowprep.networks import build_model, load_state, load_weights, sequence_logits
 from flowprep.pipeline import ExtractConfig
@@ -401,6 +402,7 @@ USAGE = {  # case: (extra arguments, what to put at --out first, what the one li
     "empty checkpoint": ([], lambda out: write_file(out / "checkpoint.pt", b""),
                          r"argument --out: .*checkpoint.pt: torch.load cannot read it \(EOFError\)"),
     "foreign checkpoint": ([], foreign_checkpoint, "argument --out: .*checkpoint.pt lacks args, epoch"),
+    "flip swap of no class": (["--flip-swap", "left:up"], None, "argument --flip-swap: 'up' not a class of .*left, right"),
 }
 
 
@@ -419,6 +421,27 @@ def test_bad_usage_is_one_line_with_status_2_and_touches_nothing(targets, three_
     status, err = stopped(capsys, train_d3d.main, *student(shards, out, *extra))
     assert status == 2 and re.fullmatch(rf"\S+: error: {expected}.*\n", err), err
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before and out.exists() == bool(prepare)
+
+
+def test_flip_swap_labels_a_mirrored_clip_as_the_other_class_of_its_pair(targets, tmp_path, capsys):
+    """left and right swapped by flips: the flow clips a teacher trains on and the stored views a
+    student trains on carry the other label exactly when they are mirrored."""
+    shards, _ = targets
+    common = {"clip_len": 8, "crop": 112, "split": "train", "flip_swap": [("left", "right")]}
+    for dataset in (ClipDataset(shards, ("flow",), **common), ClipDataset(shards, ("rgb",), teacher="flow", **common)):
+        assert dataset.readers[0].label_map == {"left": 0, "right": 1}
+        flips = set()
+        for epoch in range(6):
+            for index in range(len(dataset)):
+                item, own = dataset[(index, epoch)], dataset.meta(index)["label_index"]
+                assert item["label"] == (1 - own if item["flip"] else own)
+                flips.add(item["flip"])
+        assert flips == {False, True}
+    with pytest.raises(OptionError, match="'right' in more than one pair"):
+        ClipDataset(shards, **{**common, "flip_swap": [("left", "right"), ("right", "left")]})
+    status, err = stopped(capsys, train_teacher.main, *flow_teacher(shards, tmp_path / "run", "--flip-swap", "left"))
+    assert status == 2 and err.splitlines()[-1].endswith("argument --flip-swap: 'left' is not class pairs A:B, comma-separated")
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_new_run_deletes_no_earlier_log(targets, tmp_path, capsys):

@@ -324,7 +324,7 @@ def bench_flow(flow: str = "auto", size: tuple[int, int] = (340, 256), pairs: in
     start = time.perf_counter()
 
     def measured(mode: str) -> None:
-        say(f"[{time.perf_counter() - start:.0f} s] {mode}: {pairs / statistics.median(modes[mode].seconds):.3f} pairs/s")
+        say(f"[{time.perf_counter() - start:.0f} s] {mode}: {_rates(modes[mode].seconds, pairs)['pairs_per_s']:.3f} pairs/s")
 
     with opencv_pool(processes, warm_up, reference_params) as pool:
         expected = pool_flow(pool, first[:checked], second[:checked])

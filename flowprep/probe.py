@@ -210,10 +210,11 @@ def train_decoders(network: nn.Module, decoders: dict[str, FlowDecoder], clips: 
                 optimizers[layer].zero_grad()
                 loss.backward()
                 optimizers[layer].step()
-                losses[layer] = round(loss.item(), 4)
-                if not math.isfinite(loss.item()):
+                value = loss.item()  # one device sync a decoder and step
+                if not math.isfinite(value):
                     name = "decoder" if len(decoders) == 1 else f"{layer} decoder"
-                    raise NonFinite(f"step {step}: the {name}'s loss is {loss.item()}")
+                    raise NonFinite(f"step {step}: the {name}'s loss is {value}")
+                losses[layer] = round(value, 4)
             log({"step": step, "epe_train": next(iter(losses.values())) if len(losses) == 1 else losses})
             if step == max_steps:
                 break
